@@ -1,0 +1,73 @@
+"""Port-I/O and MMIO buses: address → (device, offset) dispatch."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Device(Protocol):
+    """A device window on a bus. ``data`` is the access: 1, 2, 4 or 8 bytes."""
+
+    def read(self, offset: int, data: memoryview) -> None:
+        """Fill ``data`` with the value read at ``offset``."""
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Accept the bytes in ``data`` written at ``offset``."""
+
+
+class Bus:
+    """Dispatch by address. Windows are registered at ``1 << granule_shift`` granularity,
+    so lookup is one dict probe: per port for port I/O, per 4 KiB page for MMIO."""
+
+    def __init__(self, name: str, granule_shift: int) -> None:
+        self.name = name
+        self._shift = granule_shift
+        self._granules: dict[int, tuple[Device, int]] = {}
+        self.unhandled = 0  # accesses that hit no device
+
+    def register(self, base: int, size: int, device: Device) -> None:
+        granule = 1 << self._shift
+        if base % granule or size % granule or size <= 0:
+            raise ValueError(f"{self.name} window {base:#x}+{size:#x} is not {granule}-aligned")
+        keys = range(base >> self._shift, (base + size) >> self._shift)
+        taken = [k << self._shift for k in keys if k in self._granules]
+        if taken:
+            raise ValueError(f"{self.name} window {base:#x}+{size:#x} overlaps {taken[0]:#x}")
+        for key in keys:
+            self._granules[key] = (device, base)
+
+    def unregister(self, base: int) -> None:
+        for key, (_, window_base) in list(self._granules.items()):
+            if window_base == base:
+                del self._granules[key]
+
+    def find(self, address: int) -> tuple[Device, int] | None:
+        """(device, window base) for an address, or None."""
+        return self._granules.get(address >> self._shift)
+
+    def read(self, address: int, data: memoryview) -> None:
+        found = self._granules.get(address >> self._shift)
+        if found is None:
+            self.unhandled += 1
+            data[:] = b"\xff" * len(data)  # an open bus reads as all-ones
+            return
+        device, base = found
+        device.read(address - base, data)
+
+    def write(self, address: int, data: memoryview) -> None:
+        found = self._granules.get(address >> self._shift)
+        if found is None:
+            self.unhandled += 1
+            return
+        device, base = found
+        device.write(address - base, data)
+
+
+class PortIoBus(Bus):
+    def __init__(self) -> None:
+        super().__init__("port I/O", 0)
+
+
+class MmioBus(Bus):
+    def __init__(self) -> None:
+        super().__init__("MMIO", 12)

@@ -1,0 +1,364 @@
+"""The "physical" node: memory, the vCPU, buses, devices, interrupt lines and the
+vCPU run loop with its exit dispatch.
+
+Start-up order (explicit, as in kvmtool): open KVM and check capabilities → VM with
+TSS and identity-map pages → in-kernel irqchip and PIT → guest RAM slots → vCPU
+with CPUID → devices on their buses → kernel image and entry state → run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ioctl import numbers as n
+from ioctl import structs as s
+
+from .boot import BootResult, EntryState, load_kernel, parse_kernel
+from .boot.cpu import SegmentState
+from .devices.bus import MmioBus, PortIoBus
+from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from .devices.uart import COM1, COM1_IRQ, COM2, COM2_IRQ, UART_PORTS, Uart16550
+from .errors import EX_SOFTWARE, EX_TIMEOUT, BootError
+from .kvm import Kvm, Vcpu, install_kick_handler
+from .memory import GuestMemory
+
+# Pages KVM needs for real-mode emulation on Intel; kept just below the LAPIC.
+TSS_ADDR = 0xFFFB_D000
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+
+_EXIT_NAMES = {v: k[len("KVM_EXIT_") :] for k, v in vars(n).items() if k.startswith("KVM_EXIT_")
+               and not k.startswith("KVM_EXIT_IO_")}
+
+
+@dataclass
+class RunResult:
+    """How a run ended. ``status`` is the process exit status ``pyvmm boot`` uses."""
+
+    reason: str  # "exit", "shutdown", "internal-error", "system-event", "timeout", ...
+    status: int
+    message: str = ""
+    registers: str = ""
+    exits: int = 0
+
+    @property
+    def guest_exited(self) -> bool:
+        return self.reason == "exit"
+
+
+@dataclass
+class ExitCounts:
+    total: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class IrqLine:
+    """An ISA interrupt line into the in-kernel PIC/IOAPIC; only changes reach KVM."""
+
+    def __init__(self, machine: Machine, gsi: int) -> None:
+        self._vm = machine.vm
+        self.gsi = gsi
+        self.level = False
+
+    def __call__(self, level: bool) -> None:
+        if level != self.level:
+            self.level = level
+            self._vm.irq_line(self.gsi, int(level))
+
+
+class Machine:
+    def __init__(
+        self,
+        mem_size: int,
+        partitions: int = 1,
+        console: Callable[[bytes], None] | None = None,
+        console2: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self._closed = False
+        self.kvm = Kvm()
+        try:
+            self._build(mem_size, partitions, console, console2)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, mem_size: int, partitions: int, console, console2) -> None:
+        self.kvm.require()
+        self.vm = self.kvm.create_vm()
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2(n.KVM_PIT_SPEAKER_DUMMY)
+
+        self.memory = GuestMemory(mem_size, partitions)
+        for slot, (gpa, size, host) in enumerate(self.memory.slots()):
+            self.vm.set_user_memory_region(slot, gpa, size, host)
+
+        install_kick_handler()
+        self.vcpu = self.vm.create_vcpu(0)
+        self.vcpu.set_cpuid2(self.kvm.supported_cpuid())
+
+        self.pio = PortIoBus()
+        self.mmio = MmioBus()
+        self.com1 = Uart16550(console or write_stdout, IrqLine(self, COM1_IRQ))
+        self.com2 = Uart16550(console2 or write_stdout, IrqLine(self, COM2_IRQ))
+        self.pio.register(COM1, UART_PORTS, self.com1)
+        self.pio.register(COM2, UART_PORTS, self.com2)
+        self.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit(self._guest_exit))
+
+        self._result: RunResult | None = None
+        self._deadline: float | None = None
+        self._timeout = 0.0
+        self.exits = ExitCounts()
+        self._handlers: list[Callable[[], None]] = [self._exit_unexpected] * 64
+        self._handlers[n.KVM_EXIT_IO] = self._exit_io
+        self._handlers[n.KVM_EXIT_MMIO] = self._exit_mmio
+        self._handlers[n.KVM_EXIT_SHUTDOWN] = self._exit_shutdown
+        self._handlers[n.KVM_EXIT_INTERNAL_ERROR] = self._exit_internal_error
+        self._handlers[n.KVM_EXIT_SYSTEM_EVENT] = self._exit_system_event
+        self._handlers[n.KVM_EXIT_FAIL_ENTRY] = self._exit_fail_entry
+        self._handlers[n.KVM_EXIT_HLT] = self._exit_hlt
+
+    # --- boot ------------------------------------------------------------------------
+
+    def boot(self, kernel_path: str, cmdline: str = "", partition: int = 0) -> BootResult:
+        """Load a PVH kernel into a partition and point the vCPU at its entry."""
+        data = read_kernel_file(kernel_path, self.memory.partitions[partition].size)
+        image = parse_kernel(data, os.path.basename(kernel_path))
+        writer = self.memory.partition_writer(self.memory.partitions[partition])
+        result = load_kernel(writer, image, cmdline)
+        self.set_entry_state(result.entry)
+        return result
+
+    def set_entry_state(self, entry: EntryState) -> None:
+        sregs = self.vcpu.get_sregs()
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            _apply_segment(getattr(sregs, name), entry.data)
+        _apply_segment(sregs.cs, entry.code)
+        _apply_segment(sregs.tr, entry.tss)
+        sregs.cr0, sregs.cr4, sregs.efer = entry.cr0, entry.cr4, entry.efer
+        sregs.cr3 = 0
+        self.vcpu.set_sregs(sregs)
+        regs = s.kvm_regs()
+        regs.rip, regs.rbx, regs.rflags = entry.rip, entry.rbx, entry.rflags
+        self.vcpu.set_regs(regs)
+
+    # --- running ---------------------------------------------------------------------
+
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Run the vCPU on this thread until the guest exits, crashes or time runs out."""
+        vcpu = self.vcpu
+        kvm_run = vcpu.kvm_run
+        handlers = self._handlers
+        counts = self.exits
+        vcpu.thread_id = threading.get_ident()
+        timer = None
+        if timeout is not None:
+            self._timeout = timeout
+            self._deadline = time.monotonic() + timeout
+            timer = threading.Timer(timeout, vcpu.kick)
+            timer.daemon = True
+            timer.start()
+        try:
+            while self._result is None:
+                try:
+                    vcpu.run()
+                except InterruptedError:
+                    kvm_run.immediate_exit = 0
+                    self._check_deadline()
+                    continue
+                counts.total += 1
+                handlers[kvm_run.exit_reason]()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            vcpu.thread_id = None
+        result = self._result
+        result.exits = counts.total
+        return result
+
+    def stop(self, result: RunResult) -> None:
+        """End the run from any thread."""
+        self._result = result
+        self.vcpu.kick()
+
+    def _check_deadline(self) -> None:
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            self._result = RunResult(
+                "timeout",
+                EX_TIMEOUT,
+                f"time-out: the guest did not exit within {self._timeout:g} s",
+                self.dump_registers(),
+            )
+
+    # --- exit handlers ---------------------------------------------------------------
+
+    def _exit_io(self) -> None:
+        io = self.vcpu.kvm_run.io
+        size = io.size
+        offset = io.data_offset
+        page = self.vcpu.run_page
+        bus = self.pio
+        if io.direction == n.KVM_EXIT_IO_OUT:
+            for i in range(io.count):
+                start = offset + i * size
+                bus.write(io.port, page[start : start + size])
+        else:
+            for i in range(io.count):
+                start = offset + i * size
+                bus.read(io.port, page[start : start + size])
+
+    def _exit_mmio(self) -> None:
+        mmio = self.vcpu.kvm_run.mmio
+        length = mmio.len
+        data = memoryview(mmio.data).cast("B")[:length]
+        if mmio.is_write:
+            self.mmio.write(mmio.phys_addr, data)
+        else:
+            self.mmio.read(mmio.phys_addr, data)
+
+    def _guest_exit(self, code: int) -> None:
+        self._result = RunResult("exit", code, f"guest exited with code {code}")
+
+    def _exit_hlt(self) -> None:
+        self._crash("halt", "guest halted with no in-kernel irqchip to wake it")
+
+    def _exit_shutdown(self) -> None:
+        self._crash("shutdown", "guest shut down (triple fault)")
+
+    def _exit_internal_error(self) -> None:
+        internal = self.vcpu.kvm_run.internal
+        data = " ".join(f"{v:#x}" for v in internal.data[: min(internal.ndata, 16)])
+        kinds = {
+            n.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
+            n.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
+            n.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
+        }
+        kind = kinds.get(internal.suberror, f"suberror {internal.suberror}")
+        self._crash("internal-error", f"KVM internal error: {kind} (data: {data or 'none'})")
+
+    def _exit_system_event(self) -> None:
+        event = self.vcpu.kvm_run.system_event
+        kinds = {
+            n.KVM_SYSTEM_EVENT_SHUTDOWN: "power-off",
+            n.KVM_SYSTEM_EVENT_RESET: "reset",
+            n.KVM_SYSTEM_EVENT_CRASH: "crash",
+        }
+        self._crash("system-event", f"guest requested {kinds.get(event.type, event.type)}")
+
+    def _exit_fail_entry(self) -> None:
+        reason = self.vcpu.kvm_run.fail_entry.hardware_entry_failure_reason
+        self._crash("fail-entry", f"KVM could not enter the guest (reason {reason:#x})")
+
+    def _exit_unexpected(self) -> None:
+        reason = self.vcpu.kvm_run.exit_reason
+        name = _EXIT_NAMES.get(reason, str(reason))
+        self._crash("unexpected-exit", f"unexpected KVM exit {name}")
+
+    def _crash(self, reason: str, message: str) -> None:
+        self._result = RunResult(reason, EX_SOFTWARE, message, self.dump_registers())
+
+    def dump_registers(self) -> str:
+        try:
+            return format_registers(self.vcpu.get_regs(), self.vcpu.get_sregs())
+        except OSError as exc:
+            return f"(registers unavailable: {exc})"
+
+    # --- teardown --------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for name in ("com1", "com2"):
+            if hasattr(self, name):
+                getattr(self, name).close()
+        for name in ("vcpu", "vm"):
+            if hasattr(self, name):
+                getattr(self, name).close()
+        if hasattr(self, "memory"):
+            self.memory.close()
+        self.kvm.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _apply_segment(seg: s.kvm_segment, state: SegmentState) -> None:
+    seg.base, seg.limit, seg.selector = state.base, state.limit, state.selector
+    seg.type, seg.present, seg.dpl = state.type, state.present, state.dpl
+    seg.db, seg.s, seg.l, seg.g = state.db, state.s, state.l, state.g
+    seg.unusable = 0
+
+
+def read_kernel_file(path: str, limit: int) -> bytes:
+    """Read a kernel image, refusing files that could not fit in the partition."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise BootError(
+                    f"{path}: kernel file is {size >> 20} MiB, larger than the "
+                    f"{limit >> 20} MiB partition"
+                )
+            return f.read()
+    except FileNotFoundError:
+        raise BootError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise BootError(f"{path}: is a directory, not a kernel image") from None
+    except PermissionError:
+        raise BootError(f"{path}: permission denied") from None
+
+
+def format_registers(regs: s.kvm_regs, sregs: s.kvm_sregs) -> str:
+    names = "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15".split()
+    lines = []
+    for i in range(0, len(names), 4):
+        lines.append("  ".join(f"{r:>3}={getattr(regs, r):016x}" for r in names[i : i + 4]))
+    lines.append(f"rip={regs.rip:016x}  rflags={regs.rflags:08x}")
+    lines.append(
+        f"cr0={sregs.cr0:08x}  cr2={sregs.cr2:016x}  cr3={sregs.cr3:016x}  "
+        f"cr4={sregs.cr4:08x}  efer={sregs.efer:x}"
+    )
+    lines.append(
+        f"cs={sregs.cs.selector:04x} (l={sregs.cs.l} db={sregs.cs.db} dpl={sregs.cs.dpl})  "
+        f"ss={sregs.ss.selector:04x}  gdt={sregs.gdt.base:x}/{sregs.gdt.limit:x}  "
+        f"idt={sregs.idt.base:x}/{sregs.idt.limit:x}"
+    )
+    return "\n".join(lines)
+
+
+def write_stdout(data: bytes) -> None:
+    try:
+        os.write(sys.stdout.fileno(), data)
+    except (BrokenPipeError, OSError):
+        pass  # a closed console must not stop the guest
+
+
+def start_stdin_feeder(uart: Uart16550) -> threading.Thread | None:
+    """Feed this process's standard input to a UART, from a daemon thread."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+
+    def pump() -> None:
+        while not uart.closed:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            uart.feed(data)
+
+    thread = threading.Thread(target=pump, name="stdin-feeder", daemon=True)
+    thread.start()
+    return thread

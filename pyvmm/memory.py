@@ -1,0 +1,189 @@
+"""Guest RAM: one anonymous mapping, addressed by guest-physical address.
+
+Every access from the host side goes through bounds checks here, because the
+addresses and lengths come from the guest (descriptors, start-info pointers) or
+from untrusted kernel images. numpy is imported only when a numpy view is asked
+for, which keeps it off the boot path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import MemoryAccessError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+MiB = 1 << 20
+GiB = 1 << 30
+PARTITION_ALIGN = 2 * MiB
+
+# The 32-bit MMIO hole (virtio windows, IOAPIC, LAPIC) starts here; RAM is kept below it.
+MMIO_HOLE_START = 0xC000_0000
+
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_MADV_DONTFORK = 10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A range of guest-physical RAM given to one OS instance."""
+
+    index: int
+    base: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return length >= 0 and self.base <= gpa and gpa + length <= self.end
+
+    def __str__(self) -> str:
+        return f"partition {self.index} [{self.base:#x}-{self.end:#x})"
+
+
+class GuestMemory:
+    """Guest RAM at guest-physical [0, size), backed by an anonymous host mapping."""
+
+    def __init__(self, size: int, partitions: int = 1) -> None:
+        if size <= 0 or size % (PARTITION_ALIGN * partitions):
+            raise MemoryAccessError(
+                f"memory size {size:#x} must be a positive multiple of "
+                f"{partitions} x 2 MiB partitions"
+            )
+        if size > MMIO_HOLE_START:
+            raise MemoryAccessError(
+                f"memory size {size >> 20} MiB exceeds the {MMIO_HOLE_START >> 20} MiB "
+                "below the MMIO hole"
+            )
+        self.size = size
+        part_size = size // partitions
+        self.partitions = tuple(Partition(i, i * part_size, part_size) for i in range(partitions))
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        addr = _libc.mmap(None, size, prot, flags, -1, 0)
+        if addr in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise MemoryAccessError(f"cannot map {size >> 20} MiB of guest memory: errno {err}")
+        # Children (e.g. helper processes) must not inherit guest RAM.
+        _libc.madvise(addr, size, _MADV_DONTFORK)
+        self.host_address: int = addr
+        self._buffer = (ctypes.c_ubyte * size).from_address(addr)
+        self._view = memoryview(self._buffer).cast("B")
+
+    # --- bounds-checked access -------------------------------------------------------
+
+    def check(self, gpa: int, length: int) -> None:
+        if length < 0 or gpa < 0 or gpa + length > self.size:
+            raise MemoryAccessError(
+                f"guest-physical range {gpa:#x}+{length:#x} is outside guest RAM [0, {self.size:#x})"
+            )
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable window onto guest RAM; no copy."""
+        self.check(gpa, length)
+        return self._view[gpa : gpa + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        self.check(gpa, length)
+        return bytes(self._view[gpa : gpa + length])
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.check(gpa, len(data))
+        self._view[gpa : gpa + len(data)] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        self.check(gpa, length)
+        ctypes.memset(self.host_address + gpa, byte, length)
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 4), "little")
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 8), "little")
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(4, "little"))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(8, "little"))
+
+    def array(self, gpa: int = 0, length: int | None = None) -> np.ndarray:
+        """A numpy uint8 view of guest RAM (no copy)."""
+        import numpy as np
+
+        length = self.size - gpa if length is None else length
+        return np.frombuffer(self.view(gpa, length), dtype=np.uint8)
+
+    def slots(self) -> Iterator[tuple[int, int, int]]:
+        """(guest_phys_addr, size, host_address) for each KVM memory slot."""
+        yield 0, self.size, self.host_address
+
+    def partition_writer(self, partition: Partition) -> PartitionMemory:
+        return PartitionMemory(self, partition)
+
+    def close(self) -> None:
+        """Unmap guest RAM. Views taken earlier must not be used afterwards."""
+        if self.host_address:
+            try:
+                self._view.release()
+            except BufferError:
+                pass  # a numpy view still exports it; unmapping is still correct at exit
+            _libc.munmap(self.host_address, self.size)
+            self.host_address = 0
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PartitionMemory:
+    """Guest memory as one instance may touch it: only inside its partition.
+
+    The boot loader writes through this, so a hostile image cannot place bytes in
+    the other instance's partition.
+    """
+
+    def __init__(self, memory: GuestMemory, partition: Partition) -> None:
+        self.memory = memory
+        self.partition = partition
+
+    def _check(self, gpa: int, length: int) -> None:
+        if not self.partition.contains(gpa, length):
+            raise MemoryAccessError(
+                f"guest-physical range {gpa:#x}+{length:#x} is outside {self.partition}"
+            )
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self._check(gpa, len(data))
+        self.memory.write(gpa, data)
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        self._check(gpa, length)
+        self.memory.fill(gpa, length, byte)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        self._check(gpa, length)
+        return self.memory.read(gpa, length)
