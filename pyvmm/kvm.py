@@ -96,7 +96,9 @@ class _Fd:
 class Kvm(_Fd):
     """/dev/kvm."""
 
-    def __init__(self, path: str = "/dev/kvm") -> None:
+    def __init__(self, path: str | None = None) -> None:
+        # PYVMM_KVM_DEVICE lets tests and unusual hosts point at another device node.
+        path = path or os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm")
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -1,0 +1,49 @@
+"""Helpers shared by the benchmarks: where things are, statistics, reporting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "guest_kernels" / "build"
+
+
+def pyvmm_command() -> list[str]:
+    """The installed `pyvmm` script beside this interpreter, as a user runs it."""
+    script = Path(sys.executable).parent / "pyvmm"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("pyvmm")
+    return [found] if found else [sys.executable, "-m", "pyvmm"]
+
+
+def qemu_microvm_command(kernel: Path, cmdline: str, mem: str = "256M") -> list[str]:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        sys.exit("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    return [
+        qemu, "-M", "microvm", "-accel", "kvm", "-m", mem, "-nodefaults", "-display", "none",
+        "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-kernel", str(kernel), "-append", cmdline,
+    ]
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "median": statistics.median(ordered),
+        "p10": ordered[len(ordered) // 10],
+        "p90": ordered[min(len(ordered) - 1, (len(ordered) * 9) // 10)],
+        "min": ordered[0],
+        "max": ordered[-1],
+    }
+
+
+def report(result: dict, line: str) -> None:
+    """JSON on stdout (one object), then the one-line human summary on stderr."""
+    print(json.dumps(result, indent=2))
+    print(line, file=sys.stderr)
