@@ -26,9 +26,24 @@ def qemu_microvm_command(kernel: Path, cmdline: str, mem: str = "256M") -> list[
     if qemu is None:
         sys.exit("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     return [
-        qemu, "-M", "microvm", "-accel", "kvm", "-m", mem, "-nodefaults", "-display", "none",
-        "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-kernel", str(kernel), "-append", cmdline,
+        qemu,
+        "-M",
+        "microvm",
+        "-accel",
+        "kvm",
+        "-m",
+        mem,
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-kernel",
+        str(kernel),
+        "-append",
+        cmdline,
     ]
 
 

@@ -6,15 +6,15 @@ start-up, so that a missing feature is a clear message instead of an EINVAL late
 
 from __future__ import annotations
 
+# _signal is what the signal module wraps; the wrapper's enum import costs boot time.
+import _signal
 import ctypes
 import errno
 import fcntl
 import mmap
 import os
-import signal
 import threading
 from collections.abc import Iterable
-from typing import TypeVar
 
 from ioctl import kvm_error
 from ioctl import numbers as n
@@ -22,11 +22,9 @@ from ioctl import structs as s
 
 from .errors import HostPermissionDenied, HostUnsupported
 
-T = TypeVar("T", bound=ctypes.Structure)
-
 # The signal that kicks a vCPU out of KVM_RUN. Its handler does nothing: the point
 # is the EINTR, with kvm_run.immediate_exit covering a kick that lands outside KVM_RUN.
-KICK_SIGNAL = signal.SIGRTMIN + 2
+KICK_SIGNAL = _signal.SIGRTMIN + 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
@@ -56,8 +54,10 @@ def _request_name(request: int) -> str:
 
 def _ioctl(fd: int, request: int, arg: ctypes.Structure | int = 0) -> int:
     try:
-        return fcntl.ioctl(fd, request, arg, True) if not isinstance(arg, int) else (
-            fcntl.ioctl(fd, request, arg)
+        return (
+            fcntl.ioctl(fd, request, arg, True)
+            if not isinstance(arg, int)
+            else (fcntl.ioctl(fd, request, arg))
         )
     except InterruptedError:
         raise
@@ -81,13 +81,13 @@ class _Fd:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self):  # noqa: ANN204 - returns the subclass
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _get(self, request: int, struct_type: type[T]) -> T:
+    def _get(self, request: int, struct_type):
         value = struct_type()
         _ioctl(self.fd, request, value)
         return value
@@ -235,8 +235,8 @@ def install_kick_handler() -> None:
     Python only installs handlers from the main thread, so the machine calls this
     once during start-up.
     """
-    if signal.getsignal(KICK_SIGNAL) is not _ignore_signal:
-        signal.signal(KICK_SIGNAL, _ignore_signal)
+    if _signal.getsignal(KICK_SIGNAL) is not _ignore_signal:
+        _signal.signal(KICK_SIGNAL, _ignore_signal)
 
 
 class Vcpu(_Fd):
@@ -265,7 +265,7 @@ class Vcpu(_Fd):
                 return
             self.kvm_run.immediate_exit = 1
             if self.thread_id is not None:
-                signal.pthread_kill(self.thread_id, KICK_SIGNAL)
+                _signal.pthread_kill(self.thread_id, KICK_SIGNAL)
 
     # --- state -----------------------------------------------------------------------
 

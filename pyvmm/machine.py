@@ -13,30 +13,33 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ioctl import numbers as n
 from ioctl import structs as s
 
-from .boot import BootResult, EntryState, load_kernel, parse_kernel
+from .boot import BootResult, EntryState, load_kernel
 from .boot.cpu import SegmentState
+from .boot.image_cache import parse_kernel_cached
 from .devices.bus import MmioBus, PortIoBus
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from .devices.uart import COM1, COM1_IRQ, COM2, COM2_IRQ, UART_PORTS, Uart16550
 from .errors import EX_SOFTWARE, EX_TIMEOUT, BootError
-from .kvm import Kvm, Vcpu, install_kick_handler
+from .kvm import Kvm, install_kick_handler
 from .memory import GuestMemory
+from .record import Record
 
 # Pages KVM needs for real-mode emulation on Intel; kept just below the LAPIC.
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 
-_EXIT_NAMES = {v: k[len("KVM_EXIT_") :] for k, v in vars(n).items() if k.startswith("KVM_EXIT_")
-               and not k.startswith("KVM_EXIT_IO_")}
+_EXIT_NAMES = {
+    v: k[len("KVM_EXIT_") :]
+    for k, v in vars(n).items()
+    if k.startswith("KVM_EXIT_") and not k.startswith("KVM_EXIT_IO_")
+}
 
 
-@dataclass
-class RunResult:
+class RunResult(Record):
     """How a run ended. ``status`` is the process exit status ``pyvmm boot`` uses."""
 
     reason: str  # "exit", "shutdown", "internal-error", "system-event", "timeout", ...
@@ -48,12 +51,6 @@ class RunResult:
     @property
     def guest_exited(self) -> bool:
         return self.reason == "exit"
-
-
-@dataclass
-class ExitCounts:
-    total: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
 
 
 class IrqLine:
@@ -113,7 +110,7 @@ class Machine:
         self._result: RunResult | None = None
         self._deadline: float | None = None
         self._timeout = 0.0
-        self.exits = ExitCounts()
+        self.exit_count = 0
         self._handlers: list[Callable[[], None]] = [self._exit_unexpected] * 64
         self._handlers[n.KVM_EXIT_IO] = self._exit_io
         self._handlers[n.KVM_EXIT_MMIO] = self._exit_mmio
@@ -128,7 +125,7 @@ class Machine:
     def boot(self, kernel_path: str, cmdline: str = "", partition: int = 0) -> BootResult:
         """Load a PVH kernel into a partition and point the vCPU at its entry."""
         data = read_kernel_file(kernel_path, self.memory.partitions[partition].size)
-        image = parse_kernel(data, os.path.basename(kernel_path))
+        image = parse_kernel_cached(data, os.path.basename(kernel_path))
         writer = self.memory.partition_writer(self.memory.partitions[partition])
         result = load_kernel(writer, image, cmdline)
         self.set_entry_state(result.entry)
@@ -154,7 +151,7 @@ class Machine:
         vcpu = self.vcpu
         kvm_run = vcpu.kvm_run
         handlers = self._handlers
-        counts = self.exits
+        run = vcpu.run
         vcpu.thread_id = threading.get_ident()
         timer = None
         if timeout is not None:
@@ -163,22 +160,24 @@ class Machine:
             timer = threading.Timer(timeout, vcpu.kick)
             timer.daemon = True
             timer.start()
+        exits = 0
         try:
             while self._result is None:
                 try:
-                    vcpu.run()
+                    run()
                 except InterruptedError:
                     kvm_run.immediate_exit = 0
                     self._check_deadline()
                     continue
-                counts.total += 1
+                exits += 1
                 handlers[kvm_run.exit_reason]()
         finally:
             if timer is not None:
                 timer.cancel()
             vcpu.thread_id = None
+            self.exit_count += exits
         result = self._result
-        result.exits = counts.total
+        result.exits = self.exit_count
         return result
 
     def stop(self, result: RunResult) -> None:
@@ -318,7 +317,24 @@ def read_kernel_file(path: str, limit: int) -> bytes:
 
 
 def format_registers(regs: s.kvm_regs, sregs: s.kvm_sregs) -> str:
-    names = "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15".split()
+    names = [
+        "rax",
+        "rbx",
+        "rcx",
+        "rdx",
+        "rsi",
+        "rdi",
+        "rsp",
+        "rbp",
+        "r8",
+        "r9",
+        "r10",
+        "r11",
+        "r12",
+        "r13",
+        "r14",
+        "r15",
+    ]
     lines = []
     for i in range(0, len(names), 4):
         lines.append("  ".join(f"{r:>3}={getattr(regs, r):016x}" for r in names[i : i + 4]))

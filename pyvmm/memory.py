@@ -11,11 +11,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .errors import MemoryAccessError
+from .record import Record
 
+TYPE_CHECKING = False  # typing itself costs boot time (see record.py)
 if TYPE_CHECKING:
     import numpy as np
 
@@ -43,8 +43,7 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-@dataclass(frozen=True)
-class Partition:
+class Partition(Record, frozen=True):
     """A range of guest-physical RAM given to one OS instance."""
 
     index: int
@@ -96,7 +95,8 @@ class GuestMemory:
     def check(self, gpa: int, length: int) -> None:
         if length < 0 or gpa < 0 or gpa + length > self.size:
             raise MemoryAccessError(
-                f"guest-physical range {gpa:#x}+{length:#x} is outside guest RAM [0, {self.size:#x})"
+                f"guest-physical range {gpa:#x}+{length:#x} is outside guest RAM "
+                f"[0, {self.size:#x})"
             )
 
     def view(self, gpa: int, length: int) -> memoryview:

@@ -42,6 +42,5 @@ def kernels() -> Path:
     if not (KERNELS / "hello.elf").exists():
         if not shutil.which("make") or not shutil.which("gcc"):
             missing("make and gcc are needed to build guest_kernels/")
-        subprocess.run(["make", "-C", str(ROOT / "guest_kernels")], check=True,
-                       capture_output=True)
+        subprocess.run(["make", "-C", str(ROOT / "guest_kernels")], check=True, capture_output=True)
     return KERNELS

@@ -27,7 +27,9 @@ def pvh_entry_note(entry: int, width: int = 8) -> Note:
     return Note(b"Xen", 18, entry.to_bytes(width, "little"))
 
 
-def pvh_reloc_note(align: int = 0x200000, minimum: int = 0x200000, maximum: int = 0xFFFFFFFF) -> Note:
+def pvh_reloc_note(
+    align: int = 0x200000, minimum: int = 0x200000, maximum: int = 0xFFFFFFFF
+) -> Note:
     return Note(b"Xen", 19, struct.pack("<III", align, minimum, maximum))
 
 
@@ -67,18 +69,44 @@ class ElfSpec:
         entry = self.segments[0].paddr if self.segments else 0
         if is64:
             header = ident + struct.pack(
-                "<HHIQQQIHHHHHH", self.elf_type, self.machine, 1, entry, ehsize, 0, 0,
-                ehsize, phentsize, phnum, 64, 0, 0,
+                "<HHIQQQIHHHHHH",
+                self.elf_type,
+                self.machine,
+                1,
+                entry,
+                ehsize,
+                0,
+                0,
+                ehsize,
+                phentsize,
+                phnum,
+                64,
+                0,
+                0,
             )
         else:
             header = ident + struct.pack(
-                "<HHIIIIIHHHHHH", self.elf_type, self.machine, 1, entry, ehsize, 0, 0,
-                ehsize, phentsize, phnum, 40, 0, 0,
+                "<HHIIIIIHHHHHH",
+                self.elf_type,
+                self.machine,
+                1,
+                entry,
+                ehsize,
+                0,
+                0,
+                ehsize,
+                phentsize,
+                phnum,
+                40,
+                0,
+                0,
             )
         return header + b"".join(phdrs) + b"".join(blobs)
 
 
-def _phdr(is64: bool, kind: int, offset: int, paddr: int, filesz: int, memsz: int, align: int) -> bytes:
+def _phdr(
+    is64: bool, kind: int, offset: int, paddr: int, filesz: int, memsz: int, align: int
+) -> bytes:
     if is64:
         return struct.pack("<IIQQQQQQ", kind, 7, offset, paddr, paddr, filesz, memsz, align)
     return struct.pack("<IIIIIIII", kind, offset, paddr, paddr, filesz, memsz, 7, align)

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 
 class GuestProcess:
-    def __init__(self, args: Sequence[str], stdin: bytes | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: Sequence[str], stdin: bytes | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.args = [sys.executable, "-m", "pyvmm", *args]
         self.proc = subprocess.Popen(
             self.args,
@@ -77,7 +78,9 @@ class GuestProcess:
             status = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"pyvmm did not exit within {timeout}s; stdout={self.stdout!r}")
+            raise AssertionError(
+                f"pyvmm did not exit within {timeout}s; stdout={self.stdout!r}"
+            ) from None
         for reader in self._readers:
             reader.join(5)
         return status
@@ -94,8 +97,12 @@ class GuestProcess:
         self.kill()
 
 
-def run_pyvmm(args: Sequence[str], stdin: bytes | None = None, timeout: float = 30.0,
-              env: dict[str, str] | None = None) -> tuple[int, str, str]:
+def run_pyvmm(
+    args: Sequence[str],
+    stdin: bytes | None = None,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+) -> tuple[int, str, str]:
     with GuestProcess(args, stdin, env) as guest:
         status = guest.wait(timeout)
         return status, guest.stdout, guest.stderr

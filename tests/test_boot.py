@@ -47,7 +47,8 @@ def test_parses_elf32_kernel_with_4_byte_entry_note():
         (ElfSpec(segments=[LoadSegment(0x200000, b"\x90" * 16)]).build(), "no PVH entry point"),
         (
             ElfSpec(
-                machine=40, segments=[LoadSegment(0x200000, b"\x90")],
+                machine=40,
+                segments=[LoadSegment(0x200000, b"\x90")],
                 notes=[pvh_entry_note(0x200000)],
             ).build(),
             "is not x86",
@@ -122,14 +123,17 @@ def test_fixed_kernel_loads_at_its_own_address_or_is_refused(memory):
 
 def test_kernel_larger_than_partition_is_refused():
     image = parse_kernel(simple_kernel(size=0x1000, bss=40 * MiB))
-    with pytest.raises(BootError, match="kernel needs .* but partition 0 .* has only"):
+    with pytest.raises(BootError, match=r"kernel needs .* but partition 0 .* has only"):
         place(image, Partition(0, 0, 32 * MiB))
 
 
 def test_relocation_respects_the_note_minimum():
     spec = ElfSpec(
         segments=[LoadSegment(0x200000, b"\x90" * 0x100)],
-        notes=[pvh_entry_note(0x200000), Note(b"Xen", 19, struct.pack("<III", 0x200000, 0x800000, 0xFFFFFFFF))],
+        notes=[
+            pvh_entry_note(0x200000),
+            Note(b"Xen", 19, struct.pack("<III", 0x200000, 0x800000, 0xFFFFFFFF)),
+        ],
     )
     placement = place(parse_kernel(spec.build()), Partition(0, 0, 32 * MiB))
     assert placement.load_base == 0x800000

@@ -29,8 +29,18 @@ def parse_hello(console: str) -> dict[str, object]:
 
 
 def test_hello_boots_and_exits_zero(kernels):
-    with GuestProcess(["boot", str(kernels / "hello.elf"), "--cmdline", "console=ttyS0 foo=bar",
-                       "--mem", "128M", "--timeout", "20"]) as guest:
+    with GuestProcess(
+        [
+            "boot",
+            str(kernels / "hello.elf"),
+            "--cmdline",
+            "console=ttyS0 foo=bar",
+            "--mem",
+            "128M",
+            "--timeout",
+            "20",
+        ]
+    ) as guest:
         guest.expect(re.escape(GREETING))
         guest.expect(r"hello: exit=0")
         assert guest.wait() == 0
@@ -71,21 +81,26 @@ def test_elf32_fixed_kernel_boots_in_place_and_is_refused_elsewhere(kernels):
     status, out, err = run_pyvmm(["boot", str(kernels / "hello32.elf"), "--timeout", "20"])
     assert status == 0, err
     assert "hello32: Hello from hello32.elf, a 32-bit PVH guest kernel" in out
-    with Machine(512 * MiB, partitions=2) as machine, pytest.raises(BootError, match="not relocatable"):
+    with (
+        Machine(512 * MiB, partitions=2) as machine,
+        pytest.raises(BootError, match="not relocatable"),
+    ):
         machine.boot(str(kernels / "hello32.elf"), "", partition=1)
 
 
 @pytest.mark.parametrize("code", [0, 1, 42, 255])
 def test_guest_exit_code_becomes_process_status(kernels, code):
-    status, out, _ = run_pyvmm(["boot", str(kernels / "probe.elf"), "--cmdline",
-                                f"probe=exit:{code}", "--timeout", "20"])
+    status, out, _ = run_pyvmm(
+        ["boot", str(kernels / "probe.elf"), "--cmdline", f"probe=exit:{code}", "--timeout", "20"]
+    )
     assert status == code
     assert f"probe: action=exit:{code}" in out
 
 
 def test_guest_page_fault_prints_crash_report(kernels):
-    status, out, _ = run_pyvmm(["boot", str(kernels / "probe.elf"), "--cmdline",
-                                "probe=page-fault", "--timeout", "20"])
+    status, out, _ = run_pyvmm(
+        ["boot", str(kernels / "probe.elf"), "--cmdline", "probe=page-fault", "--timeout", "20"]
+    )
     assert status == 3
     crash = re.search(r"CRASH vector=(\d+) error=(0x\w+) rip=(0x\w+) cr2=(0x\w+)", out)
     assert crash, out

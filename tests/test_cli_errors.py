@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from elf_builder import ElfSpec, LoadSegment, pvh_entry_note, simple_kernel
+from elf_builder import ElfSpec, LoadSegment, simple_kernel
 from harness import run_pyvmm
 from typer.testing import CliRunner
 
@@ -26,12 +26,14 @@ def write_kernel(tmp_path):
         path = tmp_path / name
         path.write_bytes(data)
         return str(path)
+
     return write
 
 
 def test_missing_kvm_device(kernels):
-    status, _, err = run_pyvmm(["boot", str(kernels / "hello.elf")],
-                               env={"PYVMM_KVM_DEVICE": "/nonexistent/kvm"})
+    status, _, err = run_pyvmm(
+        ["boot", str(kernels / "hello.elf")], env={"PYVMM_KVM_DEVICE": "/nonexistent/kvm"}
+    )
     assert status == EX_UNAVAILABLE
     assert "/nonexistent/kvm not found" in error_line(err)
 
@@ -70,8 +72,9 @@ def test_missing_kernel_file(tmp_path):
 
 @pytest.mark.kvm
 def test_triple_fault_reports_registers(kernels):
-    status, _, err = run_pyvmm(["boot", str(kernels / "probe.elf"), "--cmdline",
-                                "probe=triple-fault", "--timeout", "20"])
+    status, _, err = run_pyvmm(
+        ["boot", str(kernels / "probe.elf"), "--cmdline", "probe=triple-fault", "--timeout", "20"]
+    )
     assert status == EX_SOFTWARE
     assert "triple fault" in error_line(err)
     assert "rip=" in err and "cr3=" in err
@@ -80,21 +83,25 @@ def test_triple_fault_reports_registers(kernels):
 @pytest.mark.kvm
 @pytest.mark.parametrize("action", ["spin", "halt"])
 def test_timeout_stops_a_guest_that_never_exits(kernels, action):
-    status, _, err = run_pyvmm(["boot", str(kernels / "probe.elf"), "--cmdline",
-                                f"probe={action}", "--timeout", "1.5"])
+    status, _, err = run_pyvmm(
+        ["boot", str(kernels / "probe.elf"), "--cmdline", f"probe={action}", "--timeout", "1.5"]
+    )
     assert status == EX_TIMEOUT
     assert "time-out" in error_line(err)
 
 
 @pytest.mark.kvm
 def test_kvm_internal_error_is_reported(kernels):
-    status, _, err = run_pyvmm(["boot", str(kernels / "probe.elf"), "--cmdline",
-                                "probe=sse", "--timeout", "20"])
+    status, _, err = run_pyvmm(
+        ["boot", str(kernels / "probe.elf"), "--cmdline", "probe=sse", "--timeout", "20"]
+    )
     assert status == EX_SOFTWARE
     assert "KVM internal error" in error_line(err)
 
 
-@pytest.mark.parametrize("args", [["boot", "x.elf", "--mem", "lots"], ["boot", "x.elf", "--timeout", "-1"]])
+@pytest.mark.parametrize(
+    "args", [["boot", "x.elf", "--mem", "lots"], ["boot", "x.elf", "--timeout", "-1"]]
+)
 def test_bad_options(args):
     status, _, err = run_pyvmm(args)
     assert status == 2

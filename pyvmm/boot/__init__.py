@@ -6,9 +6,8 @@ unit-tested and fuzzed without /dev/kvm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..memory import PartitionMemory
+from ..record import Record
 from .cpu import EntryState, pvh_entry_state
 from .elf import KernelImage, parse_kernel
 from .layout import Placement, place
@@ -17,8 +16,7 @@ from .start_info import MemoryRange, build_boot_info
 __all__ = ["BootResult", "EntryState", "KernelImage", "load_kernel", "parse_kernel"]
 
 
-@dataclass(frozen=True)
-class BootResult:
+class BootResult(Record, frozen=True):
     placement: Placement
     entry: EntryState
     memmap: tuple[MemoryRange, ...]

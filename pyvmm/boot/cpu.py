@@ -6,11 +6,10 @@ EBX = guest-physical address of the start-info, all other state unspecified.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..record import Record
 
 
-@dataclass(frozen=True)
-class SegmentState:
+class SegmentState(Record, frozen=True):
     selector: int
     type: int
     base: int = 0
@@ -34,8 +33,7 @@ FLAT_DATA32 = SegmentState(selector=0x18, type=0x3)
 BOOT_TSS = SegmentState(selector=0x20, type=0xB, limit=0x67, s=0, db=0, g=0)
 
 
-@dataclass(frozen=True)
-class EntryState:
+class EntryState(Record, frozen=True):
     rip: int
     rbx: int
     rflags: int = RFLAGS_RESERVED
@@ -44,7 +42,7 @@ class EntryState:
     efer: int = 0
     code: SegmentState = FLAT_CODE32
     data: SegmentState = FLAT_DATA32
-    tss: SegmentState = field(default=BOOT_TSS)
+    tss: SegmentState = BOOT_TSS
 
 
 def pvh_entry_state(entry: int, start_info: int) -> EntryState:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
 
 from ..errors import BootError
+from ..record import Record
 
 EM_386 = 3
 EM_X86_64 = 62
@@ -23,19 +23,18 @@ RELOC_DEFAULT_MIN = 0
 RELOC_DEFAULT_MAX = 0xFFFF_FFFF
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(Record, frozen=True):
     paddr: int
     data: bytes  # p_filesz bytes from the file
     memsz: int  # bytes in memory; the tail past len(data) is zero-filled
+    file_offset: int = 0  # where data starts in the image file
 
     @property
     def end(self) -> int:
         return self.paddr + self.memsz
 
 
-@dataclass(frozen=True)
-class RelocConstraint:
+class RelocConstraint(Record, frozen=True):
     """XEN_ELFNOTE_PHYS32_RELOC: the kernel relocates itself within these limits."""
 
     align: int
@@ -43,8 +42,7 @@ class RelocConstraint:
     max_addr: int  # the last byte of the image may not lie above this
 
 
-@dataclass(frozen=True)
-class KernelImage:
+class KernelImage(Record, frozen=True):
     elf_class: int  # 32 or 64
     segments: tuple[Segment, ...]
     entry: int  # physical 32-bit PVH entry point
@@ -76,8 +74,18 @@ def parse_kernel(data: bytes, name: str = "kernel") -> KernelImage:
         return _parse(elf, data, name)
     except BootError:
         raise
-    except (ELFError, struct.error, ValueError, IndexError, KeyError, TypeError,
-            AssertionError, OverflowError, UnicodeDecodeError, EOFError) as exc:
+    except (
+        ELFError,
+        struct.error,
+        ValueError,
+        IndexError,
+        KeyError,
+        TypeError,
+        AssertionError,
+        OverflowError,
+        UnicodeDecodeError,
+        EOFError,
+    ) as exc:
         raise BootError(f"{name}: malformed ELF: {exc or type(exc).__name__}") from None
     except Exception as exc:  # pyelftools' construct layer raises its own types
         raise BootError(f"{name}: malformed ELF: {type(exc).__name__}: {exc}") from None
@@ -125,12 +133,12 @@ def _load_segment(header, data: bytes, name: str, index: int) -> Segment:
         raise BootError(f"{name}: segment {index} extends past the end of the file")
     if paddr + memsz > 1 << 52:
         raise BootError(f"{name}: segment {index} physical address {paddr:#x} is out of range")
-    return Segment(paddr, data[offset : offset + filesz], memsz)
+    return Segment(paddr, data[offset : offset + filesz], memsz, offset)
 
 
 def _check_overlap(segments: list[Segment], name: str) -> None:
     ordered = sorted(segments, key=lambda s: s.paddr)
-    for before, after in zip(ordered, ordered[1:], strict=False):
+    for before, after in zip(ordered, ordered[1:], strict=False):  # noqa: RUF007
         if after.paddr < before.end:
             raise BootError(
                 f"{name}: loadable segments overlap at {after.paddr:#x}-{before.end:#x}"

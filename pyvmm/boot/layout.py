@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..errors import BootError
 from ..memory import Partition
+from ..record import Record
 from .elf import KernelImage
 
 PAGE = 0x1000
@@ -15,8 +14,7 @@ BOOT_INFO_SIZE = 0x2000
 BOOT_INFO_PREFERRED_OFFSET = 0x1000
 
 
-@dataclass(frozen=True)
-class Placement:
+class Placement(Record, frozen=True):
     delta: int  # added to every physical address in the image
     image_low: int
     image_high: int

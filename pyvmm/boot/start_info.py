@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from ..errors import BootError
+from ..record import Record
 
 HVM_START_MAGIC = 0x336EC578
 HVM_START_INFO_VERSION = 1  # version 1 carries the memory map
@@ -22,8 +22,7 @@ MAX_MEMMAP_ENTRIES = (0x1000 - MEMMAP_OFFSET) // MEMMAP_ENTRY.size
 CMDLINE_OFFSET = 0x1000
 
 
-@dataclass(frozen=True)
-class MemoryRange:
+class MemoryRange(Record, frozen=True):
     addr: int
     size: int
     type: int = E820_RAM
@@ -66,7 +65,7 @@ def build_boot_info(address: int, cmdline: str, memmap: list[MemoryRange]) -> by
 
 def parse_memmap(block: bytes) -> list[MemoryRange]:
     """Read the memory map back out of a boot-information block (for tests and tools)."""
-    magic, _, _, _, _, _, _, memmap_paddr, entries, _ = START_INFO.unpack_from(block)
+    magic, _, _, _, _, _, _, _memmap_paddr, entries, _ = START_INFO.unpack_from(block)
     if magic != HVM_START_MAGIC:
         raise ValueError(f"bad start-info magic {magic:#x}")
     ranges = []

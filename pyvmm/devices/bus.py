@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Protocol
 
-
-class Device(Protocol):
-    """A device window on a bus. ``data`` is the access: 1, 2, 4 or 8 bytes."""
+class Device:
+    """The one interface of every device: a window on a bus, accessed by offset.
+    ``data`` is the access itself, 1, 2, 4 or 8 bytes."""
 
     def read(self, offset: int, data: memoryview) -> None:
         """Fill ``data`` with the value read at ``offset``."""
+        raise NotImplementedError
 
     def write(self, offset: int, data: memoryview) -> None:
         """Accept the bytes in ``data`` written at ``offset``."""
+        raise NotImplementedError
 
 
 class Bus:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .bus import Device
+
 DEBUG_EXIT_PORT = 0xF4
 DEBUG_EXIT_SIZE = 4
 
 
-class DebugExit:
+class DebugExit(Device):
     def __init__(self, on_exit: Callable[[int], None]) -> None:
         self._on_exit = on_exit
 

@@ -13,6 +13,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from .bus import Device
+
 COM1 = 0x3F8
 COM2 = 0x2F8
 COM1_IRQ = 4
@@ -60,7 +62,7 @@ MSR_RI = 0x40
 MSR_DCD = 0x80
 
 
-class Uart16550:
+class Uart16550(Device):
     def __init__(
         self,
         output: Callable[[bytes], None],
