@@ -37,7 +37,26 @@ class kvm_regs(_Struct):
     _fields_ = [
         (name, u64)
         for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+            [
+                "rax",
+                "rbx",
+                "rcx",
+                "rdx",
+                "rsi",
+                "rdi",
+                "rsp",
+                "rbp",
+                "r8",
+                "r9",
+                "r10",
+                "r11",
+                "r12",
+                "r13",
+                "r14",
+                "r15",
+                "rip",
+                "rflags",
+            ]
         )
     ]
 
@@ -180,14 +199,18 @@ class kvm_cpuid2(_Struct):
 def kvm_msrs_with(n: int) -> type[ctypes.Structure]:
     """kvm_msrs followed by room for ``n`` entries."""
     return type(
-        f"kvm_msrs_{n}", (_Struct,), {"_fields_": [*kvm_msrs._fields_, ("entries", kvm_msr_entry * n)]}
+        f"kvm_msrs_{n}",
+        (_Struct,),
+        {"_fields_": [*kvm_msrs._fields_, ("entries", kvm_msr_entry * n)]},
     )
 
 
 @cache
 def kvm_msr_list_with(n: int) -> type[ctypes.Structure]:
     return type(
-        f"kvm_msr_list_{n}", (_Struct,), {"_fields_": [*kvm_msr_list._fields_, ("indices", u32 * n)]}
+        f"kvm_msr_list_{n}",
+        (_Struct,),
+        {"_fields_": [*kvm_msr_list._fields_, ("indices", u32 * n)]},
     )
 
 
@@ -280,11 +303,24 @@ class kvm_dirty_log(_Struct):
 class kvm_pic_state(_Struct):
     _fields_ = [
         (name, u8)
-        for name in (
-            "last_irr irr imr isr priority_add irq_base read_reg_select poll special_mask "
-            "init_state auto_eoi rotate_on_auto_eoi special_fully_nested_mode init4 elcr "
-            "elcr_mask"
-        ).split()
+        for name in [
+            "last_irr",
+            "irr",
+            "imr",
+            "isr",
+            "priority_add",
+            "irq_base",
+            "read_reg_select",
+            "poll",
+            "special_mask",
+            "init_state",
+            "auto_eoi",
+            "rotate_on_auto_eoi",
+            "special_fully_nested_mode",
+            "init4",
+            "elcr",
+            "elcr_mask",
+        ]
     ]
 
 

@@ -93,7 +93,7 @@ def test_timeout_stops_a_guest_that_never_exits(kernels, action):
 @pytest.mark.kvm
 def test_kvm_internal_error_is_reported(kernels):
     status, _, err = run_pyvmm(
-        ["boot", str(kernels / "probe.elf"), "--cmdline", "probe=sse", "--timeout", "20"]
+        ["boot", str(kernels / "probe.elf"), "--cmdline", "probe=unemulatable", "--timeout", "20"]
     )
     assert status == EX_SOFTWARE
     assert "KVM internal error" in error_line(err)

@@ -61,3 +61,19 @@ def test_hello32_boots_under_qemu(kernels):
     qemu = qemu_boot(str(kernels / "hello32.elf"), "console=ttyS0")
     assert qemu.returncode == 1, qemu.stderr.decode()
     assert "hello32: Hello from hello32.elf, a 32-bit PVH guest kernel" in qemu.stdout.decode()
+
+
+def test_kernel_relocates_itself_when_qemu_loads_it_elsewhere(kernels, tmp_path):
+    """QEMU loads at p_paddr; moving p_paddr makes the kernel run away from its link address."""
+    import subprocess as sp
+    import sys
+
+    shifted = tmp_path / "hello-shifted.elf"
+    tool = kernels.parent / "tools" / "shift_load.py"
+    sp.run(
+        [sys.executable, str(tool), str(kernels / "hello.elf"), str(shifted), "0x1000000"],
+        check=True,
+    )
+    qemu = qemu_boot(str(shifted), "console=ttyS0")
+    assert qemu.returncode == 1, qemu.stderr.decode()
+    assert "hello: load_base=0x0000000001200000" in qemu.stdout.decode()
