@@ -323,6 +323,9 @@ class Vcpu(_Fd):
     def set_mp_state(self, state: int) -> None:
         _ioctl(self.fd, n.KVM_SET_MP_STATE, s.kvm_mp_state(state))
 
+    def tsc_khz(self) -> int:
+        return _ioctl(self.fd, n.KVM_GET_TSC_KHZ)
+
     def set_cpuid2(self, cpuid: ctypes.Structure) -> None:
         _ioctl(self.fd, n.KVM_SET_CPUID2, cpuid)
 

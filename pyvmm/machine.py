@@ -130,7 +130,7 @@ class Machine:
         data = read_kernel_file(kernel_path, self.memory.partitions[partition].size)
         image = parse_kernel_cached(data, os.path.basename(kernel_path))
         writer = self.memory.partition_writer(self.memory.partitions[partition])
-        result = load_kernel(writer, image, cmdline)
+        result = load_kernel(writer, image, with_tsc_khz(cmdline, self.vcpu.tsc_khz()))
         self.set_entry_state(result.entry)
         return result
 
@@ -291,6 +291,17 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def with_tsc_khz(cmdline: str, khz: int) -> str:
+    """Tell the guest its TSC frequency, as ``tsc_khz=``, unless the user already did.
+
+    The guest's clock is TSC-based, and calibrating against another timer would cost
+    emulated kernel-mode time on these hosts.
+    """
+    if any(word.startswith("tsc_khz=") for word in cmdline.split()):
+        return cmdline
+    return f"{cmdline} tsc_khz={khz}".strip()
 
 
 def _apply_segment(seg: s.kvm_segment, state: SegmentState) -> None:
