@@ -11,6 +11,7 @@ import _signal
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import threading
@@ -257,6 +258,10 @@ class Vcpu(_Fd):
     def run(self) -> None:
         """One KVM_RUN. Raises InterruptedError when kicked."""
         fcntl.ioctl(self.fd, n.KVM_RUN, 0)
+
+    def runner(self) -> functools.partial[int]:
+        """``run`` as a C-level callable, for the run loop: one Python frame less per exit."""
+        return functools.partial(fcntl.ioctl, self.fd, n.KVM_RUN, 0)
 
     def kick(self) -> None:
         """Force the vCPU out of KVM_RUN soon; safe from any thread."""

@@ -13,6 +13,7 @@ before it takes 0.2 ms (measured; docs/decisions.md).
 from __future__ import annotations
 
 import os
+import struct
 import sys
 import threading
 import time
@@ -35,6 +36,12 @@ from .record import Record
 # Pages KVM needs for real-mode emulation on Intel; kept just below the LAPIC.
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
+
+# kvm_run: exit_reason is the third u32; the io exit is at offset 32 as
+# direction u8, size u8, port u16, count u32, data_offset u64.
+_EXIT_REASON_INDEX = 2
+_unpack_io = struct.Struct("<BBHIQ").unpack_from
+_IO_EXIT_OFFSET = 32
 
 _EXIT_NAMES = {
     v: k[len("KVM_EXIT_") :]
@@ -153,8 +160,9 @@ class Machine:
         """Run the vCPU on this thread until the guest exits, crashes or time runs out."""
         vcpu = self.vcpu
         kvm_run = vcpu.kvm_run
+        words = vcpu.run_page.cast("I")  # exit_reason without a ctypes attribute lookup
         handlers = self._handlers
-        run = vcpu.run
+        run = vcpu.runner()
         vcpu.thread_id = threading.get_ident()
         timer = None
         if timeout is not None:
@@ -173,8 +181,9 @@ class Machine:
                     self._check_deadline()
                     continue
                 exits += 1
-                handlers[kvm_run.exit_reason]()
+                handlers[words[_EXIT_REASON_INDEX]]()
         finally:
+            words.release()
             if timer is not None:
                 timer.cancel()
             vcpu.thread_id = None
@@ -200,19 +209,14 @@ class Machine:
     # --- exit handlers ---------------------------------------------------------------
 
     def _exit_io(self) -> None:
-        io = self.vcpu.kvm_run.io
-        size = io.size
-        offset = io.data_offset
         page = self.vcpu.run_page
-        bus = self.pio
-        if io.direction == n.KVM_EXIT_IO_OUT:
-            for i in range(io.count):
-                start = offset + i * size
-                bus.write(io.port, page[start : start + size])
-        else:
-            for i in range(io.count):
-                start = offset + i * size
-                bus.read(io.port, page[start : start + size])
+        direction, size, port, count, offset = _unpack_io(page, _IO_EXIT_OFFSET)
+        access = self.pio.write if direction == n.KVM_EXIT_IO_OUT else self.pio.read
+        if count == 1:
+            access(port, page[offset : offset + size])
+            return
+        for start in range(offset, offset + count * size, size):  # rep ins/outs
+            access(port, page[start : start + size])
 
     def _exit_mmio(self) -> None:
         mmio = self.vcpu.kvm_run.mmio
