@@ -88,8 +88,9 @@ class _Fd:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _get(self, request: int, struct_type):
-        value = struct_type()
+    def _get(self, request: int, struct_type, into=None):  # noqa: ANN001, ANN202
+        """Fill ``into`` (a reused buffer) or a new ``struct_type`` with one get-ioctl."""
+        value = struct_type() if into is None else into
         _ioctl(self.fd, request, value)
         return value
 
@@ -205,16 +206,17 @@ class Vm(_Fd):
         )
         _ioctl(self.fd, n.KVM_IOEVENTFD, request)
 
-    def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
-        chip = s.kvm_irqchip(chip_id=chip_id)
+    def get_irqchip(self, chip_id: int, into: s.kvm_irqchip | None = None) -> s.kvm_irqchip:
+        chip = s.kvm_irqchip(chip_id=chip_id) if into is None else into
+        chip.chip_id = chip_id
         _ioctl(self.fd, n.KVM_GET_IRQCHIP, chip)
         return chip
 
     def set_irqchip(self, chip: s.kvm_irqchip) -> None:
         _ioctl(self.fd, n.KVM_SET_IRQCHIP, chip)
 
-    def get_pit2(self) -> s.kvm_pit_state2:
-        return self._get(n.KVM_GET_PIT2, s.kvm_pit_state2)
+    def get_pit2(self, into: s.kvm_pit_state2 | None = None) -> s.kvm_pit_state2:
+        return self._get(n.KVM_GET_PIT2, s.kvm_pit_state2, into)
 
     def set_pit2(self, state: s.kvm_pit_state2) -> None:
         _ioctl(self.fd, n.KVM_SET_PIT2, state)
@@ -274,50 +276,50 @@ class Vcpu(_Fd):
 
     # --- state -----------------------------------------------------------------------
 
-    def get_regs(self) -> s.kvm_regs:
-        return self._get(n.KVM_GET_REGS, s.kvm_regs)
+    def get_regs(self, into: s.kvm_regs | None = None) -> s.kvm_regs:
+        return self._get(n.KVM_GET_REGS, s.kvm_regs, into)
 
     def set_regs(self, regs: s.kvm_regs) -> None:
         _ioctl(self.fd, n.KVM_SET_REGS, regs)
 
-    def get_sregs(self) -> s.kvm_sregs:
-        return self._get(n.KVM_GET_SREGS, s.kvm_sregs)
+    def get_sregs(self, into: s.kvm_sregs | None = None) -> s.kvm_sregs:
+        return self._get(n.KVM_GET_SREGS, s.kvm_sregs, into)
 
     def set_sregs(self, sregs: s.kvm_sregs) -> None:
         _ioctl(self.fd, n.KVM_SET_SREGS, sregs)
 
-    def get_fpu(self) -> s.kvm_fpu:
-        return self._get(n.KVM_GET_FPU, s.kvm_fpu)
+    def get_fpu(self, into: s.kvm_fpu | None = None) -> s.kvm_fpu:
+        return self._get(n.KVM_GET_FPU, s.kvm_fpu, into)
 
     def set_fpu(self, fpu: s.kvm_fpu) -> None:
         _ioctl(self.fd, n.KVM_SET_FPU, fpu)
 
-    def get_xsave(self) -> s.kvm_xsave:
-        return self._get(n.KVM_GET_XSAVE, s.kvm_xsave)
+    def get_xsave(self, into: s.kvm_xsave | None = None) -> s.kvm_xsave:
+        return self._get(n.KVM_GET_XSAVE, s.kvm_xsave, into)
 
     def set_xsave(self, xsave: s.kvm_xsave) -> None:
         _ioctl(self.fd, n.KVM_SET_XSAVE, xsave)
 
-    def get_xcrs(self) -> s.kvm_xcrs:
-        return self._get(n.KVM_GET_XCRS, s.kvm_xcrs)
+    def get_xcrs(self, into: s.kvm_xcrs | None = None) -> s.kvm_xcrs:
+        return self._get(n.KVM_GET_XCRS, s.kvm_xcrs, into)
 
     def set_xcrs(self, xcrs: s.kvm_xcrs) -> None:
         _ioctl(self.fd, n.KVM_SET_XCRS, xcrs)
 
-    def get_lapic(self) -> s.kvm_lapic_state:
-        return self._get(n.KVM_GET_LAPIC, s.kvm_lapic_state)
+    def get_lapic(self, into: s.kvm_lapic_state | None = None) -> s.kvm_lapic_state:
+        return self._get(n.KVM_GET_LAPIC, s.kvm_lapic_state, into)
 
     def set_lapic(self, lapic: s.kvm_lapic_state) -> None:
         _ioctl(self.fd, n.KVM_SET_LAPIC, lapic)
 
-    def get_vcpu_events(self) -> s.kvm_vcpu_events:
-        return self._get(n.KVM_GET_VCPU_EVENTS, s.kvm_vcpu_events)
+    def get_vcpu_events(self, into: s.kvm_vcpu_events | None = None) -> s.kvm_vcpu_events:
+        return self._get(n.KVM_GET_VCPU_EVENTS, s.kvm_vcpu_events, into)
 
     def set_vcpu_events(self, events: s.kvm_vcpu_events) -> None:
         _ioctl(self.fd, n.KVM_SET_VCPU_EVENTS, events)
 
-    def get_debugregs(self) -> s.kvm_debugregs:
-        return self._get(n.KVM_GET_DEBUGREGS, s.kvm_debugregs)
+    def get_debugregs(self, into: s.kvm_debugregs | None = None) -> s.kvm_debugregs:
+        return self._get(n.KVM_GET_DEBUGREGS, s.kvm_debugregs, into)
 
     def set_debugregs(self, debugregs: s.kvm_debugregs) -> None:
         _ioctl(self.fd, n.KVM_SET_DEBUGREGS, debugregs)

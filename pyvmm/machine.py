@@ -17,6 +17,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from ioctl import numbers as n
@@ -118,6 +119,7 @@ class Machine:
         self.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit(self._guest_exit))
 
         self._result: RunResult | None = None
+        self._posted: deque[Callable[[], None]] = deque()
         self._deadline: float | None = None
         self._timeout = 0.0
         self.exit_count = 0
@@ -178,7 +180,7 @@ class Machine:
                     run()
                 except InterruptedError:
                     kvm_run.immediate_exit = 0
-                    self._check_deadline()
+                    self._on_kick()
                     continue
                 exits += 1
                 handlers[words[_EXIT_REASON_INDEX]]()
@@ -196,6 +198,18 @@ class Machine:
         """End the run from any thread."""
         self._result = result
         self.vcpu.kick()
+
+    def call_on_vcpu(self, function: Callable[[], None]) -> None:
+        """Run ``function`` on the vCPU thread between two KVM_RUNs; callable from any
+        thread. This is how state that KVM_RUN owns (registers, irqchip) is changed."""
+        self._posted.append(function)
+        self.vcpu.kick()
+
+    def _on_kick(self) -> None:
+        posted = self._posted
+        while posted:
+            posted.popleft()()
+        self._check_deadline()
 
     def _check_deadline(self) -> None:
         if self._deadline is not None and time.monotonic() >= self._deadline:
