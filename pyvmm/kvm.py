@@ -88,7 +88,7 @@ class _Fd:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _get(self, request: int, struct_type, into=None):  # noqa: ANN001, ANN202
+    def _get(self, request: int, struct_type, into=None):
         """Fill ``into`` (a reused buffer) or a new ``struct_type`` with one get-ioctl."""
         value = struct_type() if into is None else into
         _ioctl(self.fd, request, value)

@@ -26,11 +26,12 @@ from ioctl import structs as s
 from .boot import BootResult, EntryState, load_kernel
 from .boot.cpu import SegmentState
 from .boot.image_cache import parse_kernel_cached
-from .devices.bus import MmioBus, PortIoBus
+from .cpu_state import CpuState, StateSwitcher
+from .devices.bus import Device, MmioBus, PortIoBus
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from .devices.uart import COM1, COM1_IRQ, COM2, COM2_IRQ, UART_PORTS, Uart16550
 from .errors import EX_SOFTWARE, EX_TIMEOUT, BootError
-from .kvm import Kvm, install_kick_handler
+from .kvm import Kvm, Vm, install_kick_handler
 from .memory import GuestMemory
 from .record import Record
 
@@ -66,17 +67,41 @@ class RunResult(Record):
 
 
 class IrqLine:
-    """An ISA interrupt line into the in-kernel PIC/IOAPIC; only changes reach KVM."""
+    """An interrupt line into the in-kernel PIC/IOAPIC; only level changes go further.
 
-    def __init__(self, machine: Machine, gsi: int) -> None:
-        self._vm = machine.vm
+    ``deliver`` is what a change does: KVM_IRQ_LINE, the direct path. The microvisor
+    swaps it while virtualized (to hold interrupts for a switched-out owner) and puts
+    it back when devirtualizing, so the direct path has nothing of it.
+    """
+
+    def __init__(self, vm: Vm, gsi: int) -> None:
+        self._vm = vm
         self.gsi = gsi
         self.level = False
+        self.deliver: Callable[[bool], None] = self.to_kvm
 
     def __call__(self, level: bool) -> None:
         if level != self.level:
             self.level = level
-            self._vm.irq_line(self.gsi, int(level))
+            self.deliver(level)
+
+    def to_kvm(self, level: bool) -> None:
+        self._vm.irq_line(self.gsi, int(level))
+
+
+class Attachment(Record):
+    """A device as installed in the node: its bus windows and interrupt lines."""
+
+    name: str
+    device: Device
+    ports: tuple[tuple[int, int], ...] = ()  # (base, size) on the port-I/O bus
+    mmio: tuple[tuple[int, int], ...] = ()  # (base, size) on the MMIO bus
+    irqs: tuple[IrqLine, ...] = ()
+    per_instance: bool = False  # every instance has its own view (the debug-exit "power switch")
+
+
+# What machine.run returns when asked to hand the vCPU back to its caller.
+HANDOVER = "handover"
 
 
 class Machine:
@@ -110,13 +135,24 @@ class Machine:
         self.vcpu = self.vm.create_vcpu(0)
         self.vcpu.set_cpuid2(self.kvm.supported_cpuid())
 
+        # The vCPU as created, before any guest: what a newly started instance begins
+        # from. Only a node with a spare partition will start one; a plain boot skips it.
+        self.pristine = self._capture_pristine() if partitions > 1 else None
+
         self.pio = PortIoBus()
         self.mmio = MmioBus()
-        self.com1 = Uart16550(console or write_stdout, IrqLine(self, COM1_IRQ))
-        self.com2 = Uart16550(console2 or write_stdout, IrqLine(self, COM2_IRQ))
-        self.pio.register(COM1, UART_PORTS, self.com1)
-        self.pio.register(COM2, UART_PORTS, self.com2)
-        self.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit(self._guest_exit))
+        self.devices: dict[str, Attachment] = {}
+        com1_irq, com2_irq = IrqLine(self.vm, COM1_IRQ), IrqLine(self.vm, COM2_IRQ)
+        self.com1 = Uart16550(console or write_stdout, com1_irq)
+        self.com2 = Uart16550(console2 or write_stdout, com2_irq)
+        self.attach("com1", self.com1, ports=((COM1, UART_PORTS),), irqs=(com1_irq,))
+        self.attach("com2", self.com2, ports=((COM2, UART_PORTS),), irqs=(com2_irq,))
+        self.attach(
+            "debug-exit",
+            DebugExit(self._guest_exit),
+            ports=((DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE),),
+            per_instance=True,
+        )
 
         self._result: RunResult | None = None
         self._posted: deque[Callable[[], None]] = deque()
@@ -131,6 +167,32 @@ class Machine:
         self._handlers[n.KVM_EXIT_SYSTEM_EVENT] = self._exit_system_event
         self._handlers[n.KVM_EXIT_FAIL_ENTRY] = self._exit_fail_entry
         self._handlers[n.KVM_EXIT_HLT] = self._exit_hlt
+
+    def attach(
+        self,
+        name: str,
+        device: Device,
+        ports: tuple[tuple[int, int], ...] = (),
+        mmio: tuple[tuple[int, int], ...] = (),
+        irqs: tuple[IrqLine, ...] = (),
+        per_instance: bool = False,
+    ) -> Attachment:
+        """Install a device on the node's buses under a unique name."""
+        if name in self.devices:
+            raise ValueError(f"a device named {name!r} is already attached")
+        attachment = Attachment(name, device, ports, mmio, irqs, per_instance)
+        for base, size in ports:
+            self.pio.register(base, size, device)
+        for base, size in mmio:
+            self.mmio.register(base, size, device)
+        self.devices[name] = attachment
+        return attachment
+
+    def _capture_pristine(self) -> CpuState:
+        self.switcher = StateSwitcher(self.vm, self.vcpu, set(self.kvm.msr_index_list()))
+        state = CpuState()
+        self.switcher.save(state)
+        return state
 
     # --- boot ------------------------------------------------------------------------
 
@@ -174,6 +236,7 @@ class Machine:
             timer.daemon = True
             timer.start()
         exits = 0
+        self._result = None
         try:
             while self._result is None:
                 try:
@@ -210,6 +273,11 @@ class Machine:
         while posted:
             posted.popleft()()
         self._check_deadline()
+
+    def hand_over(self) -> None:
+        """Make ``run`` return (with reason HANDOVER) at the next kick; vCPU thread only."""
+        if self._result is None:
+            self._result = RunResult(HANDOVER, 0)
 
     def _check_deadline(self) -> None:
         if self._deadline is not None and time.monotonic() >= self._deadline:

@@ -42,6 +42,12 @@ class Bus:
             if window_base == base:
                 del self._granules[key]
 
+    def missed(self, address: int, data: memoryview, is_write: bool) -> None:
+        """An access that hit no device: an open bus reads as all-ones, writes vanish."""
+        self.unhandled += 1
+        if not is_write:
+            data[:] = b"\xff" * len(data)
+
     def find(self, address: int) -> tuple[Device, int] | None:
         """(device, window base) for an address, or None."""
         return self._granules.get(address >> self._shift)
@@ -49,8 +55,7 @@ class Bus:
     def read(self, address: int, data: memoryview) -> None:
         found = self._granules.get(address >> self._shift)
         if found is None:
-            self.unhandled += 1
-            data[:] = b"\xff" * len(data)  # an open bus reads as all-ones
+            self.missed(address, data, False)
             return
         device, base = found
         device.read(address - base, data)
@@ -58,7 +63,7 @@ class Bus:
     def write(self, address: int, data: memoryview) -> None:
         found = self._granules.get(address >> self._shift)
         if found is None:
-            self.unhandled += 1
+            self.missed(address, data, True)
             return
         device, base = found
         device.write(address - base, data)

@@ -1,4 +1,5 @@
-"""Complete vCPU state of an OS instance, saved and restored at a world switch.
+"""Complete vCPU state, saved and restored as a whole: a world switch between OS
+instances, or a newly started instance beginning from the pristine state.
 
 Everything a guest can observe is here: registers, segment and control registers,
 xsave (FPU/SSE/AVX), XCRs, the MSRs that carry OS state, the LAPIC with its timer,
@@ -15,7 +16,7 @@ from __future__ import annotations
 from ioctl import numbers as n
 from ioctl import structs as s
 
-from ..kvm import Vcpu, Vm
+from .kvm import Vcpu, Vm
 
 MSR_IA32_TSC_DEADLINE = 0x6E0
 # MSRs that hold OS state. EFER and APIC_BASE travel in sregs; FS/GS base in the
