@@ -18,6 +18,7 @@ from ioctl import structs as s
 
 from .kvm import Vcpu, Vm
 
+MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 # MSRs that hold OS state. EFER and APIC_BASE travel in sregs; FS/GS base in the
 # segment registers; the TSC itself is shared time and is never rewound.
@@ -37,6 +38,21 @@ STATE_MSRS = (
 IRQCHIP_IDS = (n.KVM_IRQCHIP_PIC_MASTER, n.KVM_IRQCHIP_PIC_SLAVE, n.KVM_IRQCHIP_IOAPIC)
 
 
+def copy_state(state: CpuState) -> CpuState:
+    """An independent copy (a new instance starts from a copy of the pristine state)."""
+    copied = CpuState()
+    for name in CpuState.__slots__:
+        value = getattr(state, name)
+        if isinstance(value, list):
+            value = [type(chip).from_buffer_copy(chip) for chip in value]
+        elif isinstance(value, dict):
+            value = dict(value)
+        elif hasattr(value, "_fields_"):
+            value = type(value).from_buffer_copy(value)
+        setattr(copied, name, value)
+    return copied
+
+
 class CpuState:
     """One instance's saved vCPU and interrupt-controller state."""
 
@@ -50,6 +66,7 @@ class CpuState:
         "pit",
         "regs",
         "sregs",
+        "tsc",
         "tsc_deadline",
         "xcrs",
         "xsave",
@@ -66,6 +83,7 @@ class CpuState:
         self.mp_state = n.KVM_MP_STATE_RUNNABLE
         self.msrs: dict[int, int] = {}
         self.tsc_deadline = 0
+        self.tsc = 0  # guest TSC when saved: read only, to know when its timer is due
         self.irqchips = [s.kvm_irqchip(chip_id=chip) for chip in IRQCHIP_IDS]
         self.pit = s.kvm_pit_state2()
 
@@ -78,6 +96,8 @@ class StateSwitcher:
         self.vcpu = vcpu
         self.msrs = tuple(m for m in STATE_MSRS if m in supported_msrs)
         self.has_tsc_deadline = MSR_IA32_TSC_DEADLINE in supported_msrs
+        extra = (MSR_IA32_TSC_DEADLINE,) if self.has_tsc_deadline else ()
+        self._saved_msrs = (*self.msrs, *extra, MSR_IA32_TSC)
 
     def save(self, state: CpuState) -> None:
         vcpu, vm = self.vcpu, self.vm
@@ -89,9 +109,9 @@ class StateSwitcher:
         vcpu.get_vcpu_events(state.events)
         vcpu.get_debugregs(state.debugregs)
         state.mp_state = vcpu.get_mp_state()
-        wanted = (*self.msrs, MSR_IA32_TSC_DEADLINE) if self.has_tsc_deadline else self.msrs
-        values = vcpu.get_msrs(wanted)
+        values = vcpu.get_msrs(self._saved_msrs)
         state.tsc_deadline = values.pop(MSR_IA32_TSC_DEADLINE, 0)
+        state.tsc = values.pop(MSR_IA32_TSC, 0)
         state.msrs = values
         for chip in state.irqchips:
             vm.get_irqchip(chip.chip_id, chip)

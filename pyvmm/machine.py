@@ -134,6 +134,7 @@ class Machine:
         install_kick_handler()
         self.vcpu = self.vm.create_vcpu(0)
         self.vcpu.set_cpuid2(self.kvm.supported_cpuid())
+        self.tsc_khz = self.vcpu.tsc_khz()
 
         # The vCPU as created, before any guest: what a newly started instance begins
         # from. Only a node with a spare partition will start one; a plain boot skips it.
@@ -143,8 +144,9 @@ class Machine:
         self.mmio = MmioBus()
         self.devices: dict[str, Attachment] = {}
         com1_irq, com2_irq = IrqLine(self.vm, COM1_IRQ), IrqLine(self.vm, COM2_IRQ)
-        self.com1 = Uart16550(console or write_stdout, com1_irq)
-        self.com2 = Uart16550(console2 or write_stdout, com2_irq)
+        self.consoles = {"com1": Console(console), "com2": Console(console2)}
+        self.com1 = Uart16550(self.consoles["com1"], com1_irq)
+        self.com2 = Uart16550(self.consoles["com2"], com2_irq)
         self.attach("com1", self.com1, ports=((COM1, UART_PORTS),), irqs=(com1_irq,))
         self.attach("com2", self.com2, ports=((COM2, UART_PORTS),), irqs=(com2_irq,))
         self.attach(
@@ -198,25 +200,20 @@ class Machine:
 
     def boot(self, kernel_path: str, cmdline: str = "", partition: int = 0) -> BootResult:
         """Load a PVH kernel into a partition and point the vCPU at its entry."""
+        result = self.load(kernel_path, cmdline, partition)
+        sregs = self.vcpu.get_sregs()
+        regs = s.kvm_regs()
+        apply_entry_state(regs, sregs, result.entry)
+        self.vcpu.set_sregs(sregs)
+        self.vcpu.set_regs(regs)
+        return result
+
+    def load(self, kernel_path: str, cmdline: str = "", partition: int = 0) -> BootResult:
+        """Load a PVH kernel into a partition; the vCPU is left alone."""
         data = read_kernel_file(kernel_path, self.memory.partitions[partition].size)
         image = parse_kernel_cached(data, os.path.basename(kernel_path))
         writer = self.memory.partition_writer(self.memory.partitions[partition])
-        result = load_kernel(writer, image, with_tsc_khz(cmdline, self.vcpu.tsc_khz()))
-        self.set_entry_state(result.entry)
-        return result
-
-    def set_entry_state(self, entry: EntryState) -> None:
-        sregs = self.vcpu.get_sregs()
-        for name in ("ds", "es", "fs", "gs", "ss"):
-            _apply_segment(getattr(sregs, name), entry.data)
-        _apply_segment(sregs.cs, entry.code)
-        _apply_segment(sregs.tr, entry.tss)
-        sregs.cr0, sregs.cr4, sregs.efer = entry.cr0, entry.cr4, entry.efer
-        sregs.cr3 = 0
-        self.vcpu.set_sregs(sregs)
-        regs = s.kvm_regs()
-        regs.rip, regs.rbx, regs.rflags = entry.rip, entry.rbx, entry.rflags
-        self.vcpu.set_regs(regs)
+        return load_kernel(writer, image, with_tsc_khz(cmdline, self.tsc_khz))
 
     # --- running ---------------------------------------------------------------------
 
@@ -390,6 +387,17 @@ def with_tsc_khz(cmdline: str, khz: int) -> str:
     return f"{cmdline} tsc_khz={khz}".strip()
 
 
+def apply_entry_state(regs: s.kvm_regs, sregs: s.kvm_sregs, entry: EntryState) -> None:
+    """Put the boot layer's entry state into register structures."""
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        _apply_segment(getattr(sregs, name), entry.data)
+    _apply_segment(sregs.cs, entry.code)
+    _apply_segment(sregs.tr, entry.tss)
+    sregs.cr0, sregs.cr4, sregs.efer = entry.cr0, entry.cr4, entry.efer
+    sregs.cr3 = 0
+    regs.rip, regs.rbx, regs.rflags = entry.rip, entry.rbx, entry.rflags
+
+
 def _apply_segment(seg: s.kvm_segment, state: SegmentState) -> None:
     seg.base, seg.limit, seg.selector = state.base, state.limit, state.selector
     seg.type, seg.present, seg.dpl = state.type, state.present, state.dpl
@@ -449,6 +457,28 @@ def format_registers(regs: s.kvm_regs, sregs: s.kvm_sregs) -> str:
         f"idt={sregs.idt.base:x}/{sregs.idt.limit:x}"
     )
     return "\n".join(lines)
+
+
+class Console:
+    """Where a UART's output goes (stdout by default), optionally labelled per line so
+    that two instances' consoles can share a terminal."""
+
+    def __init__(self, write: Callable[[bytes], None] | None = None) -> None:
+        self._write = write or write_stdout
+        self.label = b""
+        self._line_start = True
+
+    def __call__(self, data: bytes) -> None:
+        if not self.label:
+            self._write(data)
+            return
+        out = bytearray()
+        for line in data.splitlines(keepends=True):
+            if self._line_start:
+                out += self.label
+            out += line
+            self._line_start = line.endswith(b"\n")
+        self._write(bytes(out))
 
 
 def write_stdout(data: bytes) -> None:

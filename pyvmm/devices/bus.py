@@ -22,16 +22,16 @@ class Bus:
 
     def __init__(self, name: str, granule_shift: int) -> None:
         self.name = name
-        self._shift = granule_shift
+        self.granule_shift = granule_shift
         self._granules: dict[int, tuple[Device, int]] = {}
         self.unhandled = 0  # accesses that hit no device
 
     def register(self, base: int, size: int, device: Device) -> None:
-        granule = 1 << self._shift
+        granule = 1 << self.granule_shift
         if base % granule or size % granule or size <= 0:
             raise ValueError(f"{self.name} window {base:#x}+{size:#x} is not {granule}-aligned")
-        keys = range(base >> self._shift, (base + size) >> self._shift)
-        taken = [k << self._shift for k in keys if k in self._granules]
+        keys = range(base >> self.granule_shift, (base + size) >> self.granule_shift)
+        taken = [k << self.granule_shift for k in keys if k in self._granules]
         if taken:
             raise ValueError(f"{self.name} window {base:#x}+{size:#x} overlaps {taken[0]:#x}")
         for key in keys:
@@ -50,10 +50,10 @@ class Bus:
 
     def find(self, address: int) -> tuple[Device, int] | None:
         """(device, window base) for an address, or None."""
-        return self._granules.get(address >> self._shift)
+        return self._granules.get(address >> self.granule_shift)
 
     def read(self, address: int, data: memoryview) -> None:
-        found = self._granules.get(address >> self._shift)
+        found = self._granules.get(address >> self.granule_shift)
         if found is None:
             self.missed(address, data, False)
             return
@@ -61,7 +61,7 @@ class Bus:
         device.read(address - base, data)
 
     def write(self, address: int, data: memoryview) -> None:
-        found = self._granules.get(address >> self._shift)
+        found = self._granules.get(address >> self.granule_shift)
         if found is None:
             self.missed(address, data, True)
             return

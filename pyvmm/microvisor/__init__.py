@@ -1,0 +1,10 @@
+"""The microvisor: OS instances on one vCPU, virtualized only during maintenance.
+
+Nothing here runs while the node is devirtualized: the vCPU then runs
+``Machine.run``'s own loop, with direct interrupt delivery and the node's buses.
+"""
+
+from .instance import OsInstance
+from .microvisor import Microvisor, MicrovisorError
+
+__all__ = ["Microvisor", "MicrovisorError", "OsInstance"]

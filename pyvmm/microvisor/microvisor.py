@@ -1,0 +1,368 @@
+"""The Microvisor: devirtualized and virtualized modes, OS instances, world switches.
+
+Threads: the vCPU thread runs ``Microvisor.run``. Every operation that touches vCPU
+or irqchip state (virtualize, a world switch, stop, devirtualize) runs on that
+thread, between two KVM_RUNs, posted with ``Machine.call_on_vcpu``; other threads
+(the control socket) wait for the result with a time-out.
+
+Devirtualized, ``run`` is simply ``Machine.run``: the plain loop, direct interrupt
+delivery, the node's buses. Virtualized, ``run`` alternates instances on the vCPU:
+an instance runs until its slice ends (when another instance has work), a held
+interrupt arrives for the other instance, or it exits; a halted instance is not
+scheduled again until an interrupt or its own timer is due.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+from ioctl import numbers as n
+
+from ..cpu_state import copy_state
+from ..machine import HANDOVER, Machine, RunResult, apply_entry_state
+from ..memory import Partition
+from .instance import RETIRED, OsInstance
+from .interrupts import IrqRouter
+from .ownership import build_views
+from .timers import Alarm, interrupt_pending, timer_due_in
+
+DEVIRTUALIZED = "devirtualized"
+VIRTUALIZED = "virtualized"
+DEFAULT_SLICE_S = 0.010
+MIN_SLICE_S = 0.001  # an instance keeps the vCPU at least this long before preemption
+REQUEST_TIMEOUT_S = 10.0
+
+T = TypeVar("T")
+
+
+class MicrovisorError(Exception):
+    """A request that makes no sense in the current state; nothing was changed."""
+
+
+class Microvisor:
+    def __init__(self, machine: Machine, slice_s: float = DEFAULT_SLICE_S) -> None:
+        if len(machine.memory.partitions) < 2 or machine.pristine is None:
+            raise MicrovisorError("the node needs two partitions to run a second instance")
+        self.machine = machine
+        self.slice_s = slice_s
+        self.mode = DEVIRTUALIZED
+        self.instances: dict[str, OsInstance] = {}
+        self.current: OsInstance | None = None
+        self.router = IrqRouter(self._wake)
+        self._alarm = Alarm()
+        self._running = False  # the vCPU thread is inside run()
+        self._node_pio_bus, self._node_mmio_bus = machine.pio, machine.mmio
+        self._slice_started = 0.0
+        self.switches = 0
+        self.switch_latency: deque[float] = deque(maxlen=10_000)
+
+    # --- instances ---------------------------------------------------------------
+
+    def boot(self, kernel: str, cmdline: str = "console=ttyS0", name: str = "a") -> OsInstance:
+        """Boot the first instance in partition 0; it owns every device but COM2."""
+        if self.instances:
+            raise MicrovisorError("the first instance is already booted")
+        self.machine.boot(kernel, cmdline, partition=0)
+        instance = OsInstance(
+            name, self.machine.memory.partitions[0], copy_state(self.machine.pristine)
+        )
+        instance.devices = {d for d, a in self.machine.devices.items() if not a.per_instance} - {
+            "com2"
+        }
+        self.instances[name] = instance
+        self.current = instance
+        return instance
+
+    def live(self) -> list[OsInstance]:
+        return [i for i in self.instances.values() if i.live]
+
+    def _spare_partition(self) -> Partition:
+        used = {i.partition.index for i in self.live()}
+        for partition in self.machine.memory.partitions:
+            if partition.index not in used:
+                return partition
+        raise MicrovisorError("no spare partition: stop an instance first")
+
+    # --- requests (any thread) -----------------------------------------------------
+
+    def virtualize(self) -> None:
+        self._on_vcpu(self._virtualize)
+
+    def devirtualize(self) -> None:
+        self._on_vcpu(self._devirtualize)
+
+    def stop(self, name: str) -> None:
+        self._on_vcpu(lambda: self._stop(name))
+
+    def move(self, device: str, to: str) -> None:
+        self._on_vcpu(lambda: self._move(device, to))
+
+    def start(
+        self,
+        kernel: str,
+        cmdline: str = "console=ttyS1",
+        name: str | None = None,
+        devices: tuple[str, ...] = (),
+    ) -> OsInstance:
+        """Boot another instance into the spare partition (virtualized mode only)."""
+        if self.mode != VIRTUALIZED:
+            raise MicrovisorError("virtualize first: a second instance needs virtualized mode")
+        name = name or f"i{len(self.instances)}"
+        if name in self.instances and self.instances[name].live:
+            raise MicrovisorError(f"an instance named {name!r} is already running")
+        unknown = [d for d in devices if d not in self.machine.devices]
+        if unknown:
+            raise MicrovisorError(f"no such device: {', '.join(unknown)}")
+        partition = self._spare_partition()
+        self.machine.memory.fill(partition.base, partition.size)  # no leftovers from before
+        booted = self.machine.load(kernel, cmdline, partition.index)
+        cpu = copy_state(self.machine.pristine)
+        apply_entry_state(cpu.regs, cpu.sregs, booted.entry)
+        instance = OsInstance(name, partition, cpu)
+        return self._on_vcpu(lambda: self._add(instance, {"com2", *devices}))
+
+    def status(self) -> dict[str, object]:
+        latencies = sorted(self.switch_latency)
+
+        def pct(p: float) -> float | None:
+            if not latencies:
+                return None
+            return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1e6, 1)
+
+        return {
+            "mode": self.mode,
+            "current": None if self.current is None else self.current.name,
+            "instances": [i.describe() for i in self.instances.values()],
+            "switches": self.switches,
+            "exits": self.machine.exit_count,
+            "switch_latency_us": {
+                "p50": pct(0.5),
+                "p90": pct(0.9),
+                "p99": pct(0.99),
+                "max": pct(1.0),
+            },
+        }
+
+    def _on_vcpu(self, operation: Callable[[], T]) -> T:
+        """Run ``operation`` on the vCPU thread (or here, if no vCPU thread is running)."""
+        if not self._running or threading.get_ident() == self.machine.vcpu.thread_id:
+            return operation()
+        done = threading.Event()
+        outcome: list = []
+
+        def wrapped() -> None:
+            try:
+                outcome.append((True, operation()))
+            except BaseException as exc:  # handed back to the requesting thread
+                outcome.append((False, exc))
+            done.set()
+
+        self.machine.call_on_vcpu(wrapped)
+        if not done.wait(REQUEST_TIMEOUT_S):
+            raise MicrovisorError("the vCPU thread did not take the request in time")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    # --- operations (vCPU thread) ----------------------------------------------------
+
+    def _virtualize(self) -> None:
+        if self.mode == VIRTUALIZED:
+            raise MicrovisorError("already virtualized")
+        if self.current is None:
+            raise MicrovisorError("no instance is running")
+        for instance in self.live():
+            build_views(instance, self.machine.devices, self._node_pio_bus, self._node_mmio_bus)
+        self.router.attach([line for a in self.machine.devices.values() for line in a.irqs])
+        self._assign_lines()
+        self.router.current = self.current
+        self.machine.pio, self.machine.mmio = self.current.pio, self.current.mmio
+        self.mode = VIRTUALIZED
+        self._slice_started = time.monotonic()
+        self.machine.hand_over()
+
+    def _devirtualize(self) -> None:
+        if self.mode != VIRTUALIZED:
+            raise MicrovisorError("not virtualized")
+        survivors = self.live()
+        if len(survivors) != 1:
+            raise MicrovisorError(
+                f"{len(survivors)} instances are running; devirtualize needs exactly one"
+            )
+        survivor = survivors[0]
+        with self.router.lock:
+            if survivor is not self.current:
+                self._switch(survivor)
+            self.router.detach()
+        self.machine.pio, self.machine.mmio = self._node_pio_bus, self._node_mmio_bus
+        self._alarm.set(None)
+        self.mode = DEVIRTUALIZED
+        self.machine.hand_over()
+
+    def _add(self, instance: OsInstance, devices: set[str]) -> OsInstance:
+        for device in devices:
+            self._take(device, instance)
+        self.instances[instance.name] = instance
+        label = f"[{instance.name}] ".encode()
+        console = "com2" if instance.partition.index == 1 else "com1"
+        self.machine.consoles[console].label = label
+        build_views(instance, self.machine.devices, self._node_pio_bus, self._node_mmio_bus)
+        self._assign_lines()
+        self.machine.hand_over()  # let the scheduler consider the newcomer now
+        return instance
+
+    def _stop(self, name: str) -> None:
+        instance = self.instances.get(name)
+        if instance is None or not instance.live:
+            raise MicrovisorError(f"no running instance named {name!r}")
+        if len(self.live()) == 1:
+            raise MicrovisorError(f"{name!r} is the only instance; it cannot be stopped")
+        self._retire(instance, RunResult("stopped", 0, "stopped by request"))
+        self.machine.hand_over()
+
+    def _move(self, device: str, to: str) -> None:
+        if device not in self.machine.devices or self.machine.devices[device].per_instance:
+            raise MicrovisorError(f"no movable device named {device!r}")
+        target = self.instances.get(to)
+        if target is None or not target.live:
+            raise MicrovisorError(f"no running instance named {to!r}")
+        if self.mode != VIRTUALIZED:
+            raise MicrovisorError("devices move between instances only while virtualized")
+        self._take(device, target)
+        for instance in self.live():
+            build_views(instance, self.machine.devices, self._node_pio_bus, self._node_mmio_bus)
+        if self.current is not None:
+            self.machine.pio, self.machine.mmio = self.current.pio, self.current.mmio
+        self._assign_lines()
+
+    def _take(self, device: str, owner: OsInstance) -> None:
+        for instance in self.instances.values():
+            instance.devices.discard(device)
+        owner.devices.add(device)
+
+    def _assign_lines(self) -> None:
+        for name, attachment in self.machine.devices.items():
+            owner = next((i for i in self.live() if name in i.devices), None)
+            for line in attachment.irqs:
+                self.router.set_owner(line, owner)
+
+    def _retire(self, instance: OsInstance, result: RunResult) -> None:
+        instance.status = RETIRED
+        instance.result = result
+        instance.held.clear()
+        released = instance.devices
+        instance.devices = set()
+        self._assign_lines()
+        del released  # unowned until moved: a retired OS's devices serve nobody
+
+    # --- the vCPU loop -----------------------------------------------------------------
+
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Run the node until its last instance ends (or the time-out)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._running = True
+        try:
+            while True:
+                remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+                if self.mode == DEVIRTUALIZED:
+                    result = self.machine.run(remaining)
+                    if result.reason == HANDOVER:
+                        continue
+                    if self.current is not None:
+                        self._retire(self.current, result)
+                    return result
+                result = self._run_slice(remaining)
+                if result is not None:
+                    return result
+        finally:
+            self._running = False
+            self._alarm.close()
+
+    def _run_slice(self, remaining: float | None) -> RunResult | None:
+        """One turn of the virtualized loop; a RunResult when the node is done."""
+        with self.router.lock:
+            chosen = self._pick()
+            if chosen is not self.current:
+                self._switch(chosen)
+        self._arm_alarm(chosen)
+        self._slice_started = time.monotonic()
+        chosen.slices += 1
+        result = self.machine.run(remaining)
+        self._alarm.set(None)
+        if result.reason == HANDOVER:
+            return None
+        if result.reason == "timeout":
+            return result
+        self._retire(chosen, result)  # a power-off or crash retires this instance only
+        if not self.live():
+            return result
+        return None
+
+    def _pick(self) -> OsInstance:
+        live = self.live()
+        if not live:
+            raise MicrovisorError("no instance left to run")
+        current = self.current if self.current in live else None
+        now = time.monotonic()
+        runnable = [i for i in live if i is current or self._has_work(i, now)]
+        if current is not None and len(runnable) > 1:
+            others = [i for i in runnable if i is not current]
+            return others[0]  # round robin between two: the other one's turn
+        if runnable:
+            return runnable[0]
+        return current or live[0]  # all idle: wait in KVM for the current one's interrupt
+
+    def _has_work(self, instance: OsInstance, now: float) -> bool:
+        if instance.held or not instance.halted:
+            return True
+        return instance.wake_at is not None and instance.wake_at <= now
+
+    def _arm_alarm(self, running: OsInstance) -> None:
+        """When to take the vCPU back: the slice end if another instance has work, or
+        when a halted instance's own timer is due."""
+        now = time.monotonic()
+        others = [i for i in self.live() if i is not running]
+        if any(self._has_work(i, now) for i in others):
+            self._alarm.set(now + self.slice_s, self._preempt)
+            return
+        wakes = [i.wake_at for i in others if i.wake_at is not None]
+        if wakes:
+            self._alarm.set(min(wakes), self._preempt)
+
+    def _preempt(self) -> None:
+        self.machine.call_on_vcpu(self.machine.hand_over)
+
+    def _wake(self, instance: OsInstance) -> None:
+        """A held interrupt arrived for ``instance`` (any thread): give it the vCPU soon."""
+        if self.mode != VIRTUALIZED or instance is self.current:
+            return
+        ran_for = time.monotonic() - self._slice_started
+        if ran_for >= MIN_SLICE_S:
+            self._preempt()
+        else:
+            self._alarm.set(self._slice_started + MIN_SLICE_S, self._preempt)
+
+    def _switch(self, to: OsInstance) -> None:
+        """World switch; vCPU thread, router lock held."""
+        started = time.perf_counter()
+        machine = self.machine
+        previous = self.current
+        if previous is not None and previous.live:
+            machine.switcher.save(previous.cpu)
+            previous.halted = (
+                previous.cpu.mp_state == n.KVM_MP_STATE_HALTED
+                and not interrupt_pending(previous.cpu)
+            )
+            due = timer_due_in(previous.cpu, machine.tsc_khz) if previous.halted else None
+            previous.wake_at = None if due is None else time.monotonic() + due
+        machine.switcher.restore(to.cpu)
+        machine.pio, machine.mmio = to.pio, to.mmio
+        self.current = to
+        self.router.switched_in(to)
+        self.switches += 1
+        self.switch_latency.append(time.perf_counter() - started)

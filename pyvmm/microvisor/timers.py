@@ -1,0 +1,79 @@
+"""Time for the scheduler: a one-shot alarm thread, and when a halted instance's own
+LAPIC timer is due (read from its saved LAPIC and MSRs)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from ..cpu_state import CpuState
+
+APIC_LVTT = 0x320
+APIC_TMICT = 0x380
+APIC_TMCCT = 0x390
+APIC_TDCR = 0x3E0
+APIC_IRR = 0x200
+LVT_MASKED = 1 << 16
+LVT_TIMER_TSC_DEADLINE = 2 << 17
+LVT_TIMER_MODE = 3 << 17
+APIC_BUS_NS = 1  # KVM's LAPIC timer counts at 1 GHz
+
+
+def _reg(cpu: CpuState, offset: int) -> int:
+    return int.from_bytes(cpu.lapic.regs[offset : offset + 4], "little")
+
+
+def interrupt_pending(cpu: CpuState) -> bool:
+    """An interrupt is already requested in the saved LAPIC (IRR)."""
+    return any(_reg(cpu, APIC_IRR + 0x10 * i) for i in range(8))
+
+
+def timer_due_in(cpu: CpuState, tsc_khz: int) -> float | None:
+    """Seconds until the saved LAPIC timer fires, or None if it is not armed."""
+    lvtt = _reg(cpu, APIC_LVTT)
+    if lvtt & LVT_MASKED:
+        return None
+    if lvtt & LVT_TIMER_MODE == LVT_TIMER_TSC_DEADLINE:
+        if not cpu.tsc_deadline or not tsc_khz:
+            return None
+        return max(0, cpu.tsc_deadline - cpu.tsc) / (tsc_khz * 1000.0)
+    if not _reg(cpu, APIC_TMICT):
+        return None
+    tdcr = _reg(cpu, APIC_TDCR)
+    divide = 1 << ((((tdcr & 3) | ((tdcr & 8) >> 1)) + 1) & 7)
+    return _reg(cpu, APIC_TMCCT) * divide * APIC_BUS_NS / 1e9
+
+
+class Alarm:
+    """Calls a function once at a monotonic time, from its own thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._at: float | None = None
+        self._fn: Callable[[], None] | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="microvisor-alarm", daemon=True)
+        self._thread.start()
+
+    def set(self, at: float | None, fn: Callable[[], None] | None = None) -> None:
+        with self._cond:
+            self._at, self._fn = at, fn
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (self._at is None or self._at > time.monotonic()):
+                    timeout = None if self._at is None else self._at - time.monotonic()
+                    self._cond.wait(timeout)
+                if self._closed:
+                    return
+                fn, self._at, self._fn = self._fn, None, None
+            if fn is not None:
+                fn()
