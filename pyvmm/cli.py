@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 import typer
 
@@ -15,6 +16,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+ctl = typer.Typer(help="Talk to a running node through its control socket.", no_args_is_help=True)
+app.add_typer(ctl, name="ctl")
 
 
 @app.callback()
@@ -30,7 +33,116 @@ def boot(
     timeout: Annotated[
         float | None, typer.Option(help="stop the guest after this many seconds")
     ] = None,
+    control: Annotated[
+        str | None,
+        typer.Option(help="arm the microvisor: a spare partition and a control socket here"),
+    ] = None,
 ) -> None:
     """Boot KERNEL on one vCPU. The guest console is this process's stdin/stdout, and
     the process exits with the code the guest writes to the debug-exit port (0xf4)."""
-    raise typer.Exit(run_boot(kernel, mem, cmdline, timeout))
+    raise typer.Exit(run_boot(kernel, mem, cmdline, timeout, control))
+
+
+# --- pyvmm ctl PATH ... ------------------------------------------------------------------
+
+JsonOption = Annotated[bool, typer.Option("--json", help="print the JSON reply")]
+
+
+class _Target:
+    path = ""
+
+
+@ctl.callback()
+def ctl_callback(path: Annotated[str, typer.Argument(help="the node's control socket")]) -> None:
+    _Target.path = path
+
+
+def _send(op: str, as_json: bool, **arguments: Any) -> dict[str, Any]:
+    from .control import request
+    from .errors import PyvmmError
+
+    try:
+        reply = request(_Target.path, op, **arguments)
+    except PyvmmError as exc:
+        typer.echo(f"pyvmm: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(reply))
+    if not reply.get("ok"):
+        if not as_json:
+            typer.echo(f"pyvmm: error: {reply.get('error')}", err=True)
+        raise typer.Exit(1)
+    return reply
+
+
+def _say(as_json: bool, line: str) -> None:
+    if not as_json:
+        typer.echo(line)
+
+
+@ctl.command()
+def status(as_json: JsonOption = False) -> None:
+    """Mode, instances, switch and exit counts."""
+    reply = _send("status", as_json)
+    if as_json:
+        return
+    s = reply["result"]
+    typer.echo(f"mode: {s['mode']}  current: {s['current']}")
+    for i in s["instances"]:
+        typer.echo(
+            f"  {i['name']}: {i['status']}, partition {i['partition']} "
+            f"[{i['base']:#x}+{i['size'] >> 20} MiB], devices {', '.join(i['devices']) or '-'}"
+        )
+    lat = s["switch_latency_us"]
+    typer.echo(
+        f"switches: {s['switches']}  exits: {s['exits']}  switch latency us: "
+        f"p50 {lat['p50']} p90 {lat['p90']} p99 {lat['p99']} max {lat['max']}"
+    )
+
+
+@ctl.command()
+def virtualize(as_json: JsonOption = False) -> None:
+    """Trap the running instance: the node becomes virtualized."""
+    _send("virtualize", as_json)
+    _say(as_json, "virtualized")
+
+
+@ctl.command()
+def devirtualize(as_json: JsonOption = False) -> None:
+    """Leave the one remaining instance running alone on the vCPU."""
+    _send("devirtualize", as_json)
+    _say(as_json, "devirtualized")
+
+
+@ctl.command()
+def start(
+    kernel: Annotated[str, typer.Argument(help="PVH kernel for the new instance")],
+    name: Annotated[str | None, typer.Option(help="instance name")] = None,
+    cmdline: Annotated[str, typer.Option(help="its command line")] = "console=ttyS1",
+    device: Annotated[
+        list[str] | None, typer.Option(help="a device it owns from the start (repeatable)")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Boot a second instance into the spare partition."""
+    reply = _send("start", as_json, kernel=kernel, name=name, cmdline=cmdline, devices=device or [])
+    i = reply["result"]
+    _say(as_json, f"started {i['name']} in partition {i['partition']}")
+
+
+@ctl.command()
+def stop(name: Annotated[str, typer.Argument()], as_json: JsonOption = False) -> None:
+    """Retire an instance."""
+    _send("stop", as_json, name=name)
+    _say(as_json, f"stopped {name}")
+
+
+@ctl.command()
+def move(
+    device: Annotated[str, typer.Argument()],
+    to: Annotated[str, typer.Argument(metavar="NAME")],
+    as_json: JsonOption = False,
+) -> None:
+    """Give DEVICE to instance NAME."""
+    _send("move", as_json, device=device, to=to)
+    _say(as_json, f"moved {device} to {to}")

@@ -359,7 +359,12 @@ class Vcpu(_Fd):
         with self._kick_lock:
             if self.fd < 0:
                 return
-            self.run_page.release()
             del self.kvm_run
-            self._run_map.close()
+            try:
+                self.run_page.release()
+                self._run_map.close()
+            except BufferError:
+                # A view of kvm_run outlives us (e.g. held by a traceback). The mapping
+                # goes with the process; the vCPU fd must still be closed.
+                pass
             super().close()

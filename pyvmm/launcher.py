@@ -17,6 +17,7 @@ BOOT_OPTIONS: dict[str, tuple[str, type, object]] = {
     "--mem": ("mem", str, "256M"),
     "--cmdline": ("cmdline", str, "console=ttyS0"),
     "--timeout": ("timeout", float, None),
+    "--control": ("control", str, None),
 }
 
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -66,8 +67,11 @@ def error(message: str) -> None:
     sys.stderr.flush()
 
 
-def run_boot(kernel: str, mem: str, cmdline: str, timeout: float | None) -> int:
-    """``pyvmm boot``: returns the process exit status."""
+def run_boot(
+    kernel: str, mem: str, cmdline: str, timeout: float | None, control: str | None = None
+) -> int:
+    """``pyvmm boot``: returns the process exit status. With ``control``, the node is
+    armed for maintenance: a spare partition of the same size and a control socket."""
     try:
         size = parse_size(mem)
     except ValueError as exc:
@@ -80,10 +84,13 @@ def run_boot(kernel: str, mem: str, cmdline: str, timeout: float | None) -> int:
     from .machine import Machine, start_stdin_feeder
 
     try:
-        with Machine(size) as machine:
-            machine.boot(kernel, cmdline)
-            start_stdin_feeder(machine.com1)
-            result = machine.run(timeout)
+        with Machine(size * (2 if control else 1), partitions=2 if control else 1) as machine:
+            if control:
+                result = _run_armed(machine, kernel, cmdline, timeout, control)
+            else:
+                machine.boot(kernel, cmdline)
+                start_stdin_feeder(machine.com1)
+                result = machine.run(timeout)
     except PyvmmError as exc:
         error(str(exc))
         return exc.exit_status
@@ -95,6 +102,21 @@ def run_boot(kernel: str, mem: str, cmdline: str, timeout: float | None) -> int:
         if result.registers:
             sys.stderr.write(result.registers + "\n")
     return result.status
+
+
+def _run_armed(machine, kernel: str, cmdline: str, timeout: float | None, control: str):
+    from .control import ControlServer
+    from .machine import start_stdin_feeder
+    from .microvisor import Microvisor
+
+    microvisor = Microvisor(machine)
+    microvisor.boot(kernel, cmdline)
+    start_stdin_feeder(machine.com1)
+    server = ControlServer(control, microvisor)
+    try:
+        return microvisor.run(timeout)
+    finally:
+        server.close()
 
 
 def main() -> None:

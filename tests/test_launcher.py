@@ -12,8 +12,8 @@ from pyvmm import cli, launcher
 def typer_boot_arguments(monkeypatch, argv: list[str]) -> dict[str, object] | None:
     seen: dict[str, object] = {}
 
-    def fake_run_boot(kernel, mem, cmdline, timeout):
-        seen.update(kernel=kernel, mem=mem, cmdline=cmdline, timeout=timeout)
+    def fake_run_boot(kernel, mem, cmdline, timeout, control):
+        seen.update(kernel=kernel, mem=mem, cmdline=cmdline, timeout=timeout, control=control)
         return 0
 
     monkeypatch.setattr(cli, "run_boot", fake_run_boot)
@@ -29,6 +29,7 @@ def typer_boot_arguments(monkeypatch, argv: list[str]) -> dict[str, object] | No
         ["boot", "--mem=64M", "k.elf", "--cmdline", "console=ttyS1 a=b", "--timeout", "2.5"],
         ["boot", "k.elf", "--timeout=3"],
         ["boot", "k.elf", "--cmdline="],
+        ["boot", "k.elf", "--control", "/tmp/node.sock", "--timeout", "9"],
     ],
 )
 def test_fast_parser_matches_typer(monkeypatch, argv):

@@ -1,0 +1,162 @@
+"""The control socket of a running node: newline-delimited JSON over a Unix socket.
+
+Request: one JSON object per line, ``{"op": "<name>", ...arguments}``.
+Reply: one line, ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
+A request that is malformed or makes no sense in the current state gets an error
+reply and changes nothing. The socket is created with mode 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .errors import PyvmmError
+from .microvisor import Microvisor, MicrovisorError
+
+MAX_REQUEST = 64 * 1024
+CLIENT_TIMEOUT_S = 30.0
+
+
+class RequestError(Exception):
+    """The request itself is malformed."""
+
+
+def _text(request: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = request.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{key!r} must be a non-empty string")
+    return value
+
+
+def _operations(mv: Microvisor) -> dict[str, Callable[[dict[str, Any]], object]]:
+    def start(r: dict[str, Any]) -> object:
+        devices = r.get("devices", [])
+        if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+            raise RequestError("'devices' must be a list of device names")
+        name = r.get("name")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise RequestError("'name' must be a non-empty string")
+        instance = mv.start(
+            _text(r, "kernel"), _text(r, "cmdline", "console=ttyS1"), name, tuple(devices)
+        )
+        return instance.describe()
+
+    return {
+        "status": lambda r: mv.status(),
+        "virtualize": lambda r: mv.virtualize(),
+        "devirtualize": lambda r: mv.devirtualize(),
+        "start": start,
+        "stop": lambda r: mv.stop(_text(r, "name")),
+        "move": lambda r: mv.move(_text(r, "device"), _text(r, "to")),
+    }
+
+
+def handle(mv: Microvisor, line: bytes) -> dict[str, Any]:
+    """One request line → one reply object. Never raises."""
+    try:
+        request = json.loads(line)
+        if not isinstance(request, dict):
+            raise RequestError("a request is a JSON object")
+        op = request.get("op")
+        operations = _operations(mv)
+        if op not in operations:
+            raise RequestError(f"unknown op {op!r}; one of {', '.join(sorted(operations))}")
+        return {"ok": True, "result": operations[op](request)}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"ok": False, "error": "malformed request: not a JSON line"}
+    except (RequestError, MicrovisorError, PyvmmError) as exc:
+        return {"ok": False, "error": str(exc)}
+    except OSError as exc:
+        return {"ok": False, "error": f"host error: {exc}"}
+
+
+class ControlServer:
+    def __init__(self, path: str, microvisor: Microvisor) -> None:
+        self.path = path
+        self.microvisor = microvisor
+        _remove_stale_socket(path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
+        try:
+            self._sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        self._sock.listen(8)
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, name="control", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            while True:
+                line = reader.readline(MAX_REQUEST + 1)
+                if not line:
+                    return
+                if len(line) > MAX_REQUEST:
+                    reply = {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                    return
+                reply = handle(self.microvisor, line)
+                try:
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise PyvmmError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody answers: a leftover from a node that is gone
+        return
+    finally:
+        probe.close()
+    raise PyvmmError(f"{path} is in use by another running node")
+
+
+def request(path: str, op: str, **arguments: object) -> dict[str, Any]:
+    """Send one request to a node's control socket and return its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CLIENT_TIMEOUT_S)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise PyvmmError(f"cannot reach the node at {path}: {exc.strerror}") from None
+        sock.sendall(json.dumps({"op": op, **arguments}).encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise PyvmmError(f"the node at {path} closed the connection")
+            reply += chunk
+    return json.loads(reply)

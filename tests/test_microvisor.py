@@ -1,0 +1,196 @@
+"""The microvisor on real guests: instances, world switches, ownership, retirement."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from pyvmm.machine import Machine
+from pyvmm.microvisor import Microvisor, MicrovisorError
+
+pytestmark = pytest.mark.kvm
+MiB = 1 << 20
+
+
+class Node:
+    """A two-partition node whose consoles are captured, driven from a script thread."""
+
+    def __init__(self, kernels, first: str = "probe.elf", cmdline: str = "probe=spin") -> None:
+        self.kernels = kernels
+        self.out = bytearray()
+        self.lock = threading.Lock()
+        self.machine = Machine(256 * MiB, partitions=2, console=self._write, console2=self._write)
+        self.mv = Microvisor(self.machine)
+        self.mv.boot(str(kernels / first), f"console=ttyS0 {cmdline}")
+
+    def _write(self, data: bytes) -> None:
+        with self.lock:
+            self.out += data
+
+    @property
+    def text(self) -> str:
+        with self.lock:
+            return self.out.decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if m := re.search(pattern, self.text, re.MULTILINE):
+                return m
+            time.sleep(0.01)
+        raise AssertionError(f"console never showed {pattern!r}: {self.text!r}")
+
+    def run_with(self, script: Callable[[Node], None], timeout: float = 20.0):
+        errors: list[BaseException] = []
+
+        def driver() -> None:
+            try:
+                script(self)
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                # End the run: the spinning first instance never exits by itself.
+                self.machine.call_on_vcpu(self._end)
+
+        thread = threading.Thread(target=driver)
+        thread.start()
+        result = self.mv.run(timeout)
+        thread.join(5)
+        if errors:
+            raise errors[0]
+        return result
+
+    def _end(self) -> None:
+        from pyvmm.machine import RunResult
+
+        self.machine.stop(RunResult("stopped", 0, "test over"))
+
+    def kernel(self, name: str) -> str:
+        return str(self.kernels / name)
+
+
+@pytest.fixture
+def node(kernels):
+    n = Node(kernels)
+    yield n
+    n.machine.close()
+
+
+def test_second_instance_boots_in_the_spare_partition_and_retires_alone(node):
+    def script(n: Node) -> None:
+        n.mv.virtualize()
+        b = n.mv.start(n.kernel("hello.elf"), "console=ttyS1", name="b")
+        assert b.partition.index == 1
+        n.wait_for(r"\[b\] hello: exit=0")
+        time.sleep(0.05)
+        status = n.mv.status()
+        states = {i["name"]: i["status"] for i in status["instances"]}
+        assert states == {"a": "running", "b": "retired"}
+        n.mv.devirtualize()
+        assert n.mv.status()["mode"] == "devirtualized"
+
+    result = node.run_with(script)
+    assert result.reason == "stopped"
+    text = node.text
+    assert "[b] hello: e820 addr=0x0000000008000000 size=0x0000000008000000 type=1" in text
+    assert "[b] hello: load_base=0x0000000008200000" in text
+    assert node.mv.switches >= 2
+
+
+def test_requests_that_make_no_sense_change_nothing(node):
+    def script(n: Node) -> None:
+        before = n.mv.status()
+        for request, message in [
+            (n.mv.devirtualize, "not virtualized"),
+            (lambda: n.mv.start(n.kernel("hello.elf")), "virtualize first"),
+            (lambda: n.mv.stop("a"), "only instance"),
+            (lambda: n.mv.stop("nobody"), "no running instance"),
+        ]:
+            with pytest.raises(MicrovisorError, match=message):
+                request()
+        assert n.mv.status()["instances"] == before["instances"]
+        n.mv.virtualize()
+        with pytest.raises(MicrovisorError, match="already virtualized"):
+            n.mv.virtualize()
+        n.mv.start(n.kernel("probe.elf"), "console=ttyS1 probe=spin", name="b")
+        with pytest.raises(MicrovisorError, match="no spare partition"):
+            n.mv.start(n.kernel("hello.elf"), "console=ttyS1", name="c")
+        with pytest.raises(MicrovisorError, match="exactly one"):
+            n.mv.devirtualize()
+        with pytest.raises(MicrovisorError, match="no movable device"):
+            n.mv.move("debug-exit", "b")
+        with pytest.raises(MicrovisorError, match="no running instance"):
+            n.mv.move("com1", "zz")
+        n.mv.stop("b")
+        n.mv.devirtualize()
+
+    node.run_with(script)
+
+
+def test_two_instances_both_make_progress(node):
+    def script(n: Node) -> None:
+        n.mv.virtualize()
+        n.mv.start(n.kernel("probe.elf"), "console=ttyS1 probe=spin", name="b")
+        time.sleep(0.5)
+        slices = {i["name"]: i["slices"] for i in n.mv.status()["instances"]}
+        assert slices["a"] >= 5 and slices["b"] >= 5, slices
+
+    node.run_with(script)
+    latency = node.mv.status()["switch_latency_us"]
+    assert latency["p50"] is not None
+
+
+def test_access_to_another_instances_device_is_refused(node):
+    def script(n: Node) -> None:
+        n.mv.virtualize()
+        # b is told to use COM1, which a owns: its console writes must go nowhere.
+        n.mv.start(n.kernel("probe.elf"), "console=ttyS0 probe=exit:0", name="b")
+        deadline = time.monotonic() + 10
+        while n.mv.instances["b"].live and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert n.mv.instances["b"].refused > 0
+
+    node.run_with(script)
+    assert "probe: action=exit:0" not in node.text  # nothing of b reached COM1
+
+
+def test_a_crash_retires_only_that_instance(node):
+    def script(n: Node) -> None:
+        n.mv.virtualize()
+        n.mv.start(n.kernel("probe.elf"), "console=ttyS1 probe=triple-fault", name="b")
+        deadline = time.monotonic() + 10
+        while n.mv.instances["b"].live and time.monotonic() < deadline:
+            time.sleep(0.01)
+        b = n.mv.instances["b"]
+        assert not b.live and b.result is not None and b.result.reason == "shutdown"
+        assert n.mv.instances["a"].live
+        n.mv.devirtualize()
+
+    assert node.run_with(script).reason == "stopped"
+
+
+def test_device_interrupt_reaches_its_owner_after_being_held(kernels):
+    node = Node(kernels, cmdline="probe=echo-irq")
+    try:
+
+        def script(n: Node) -> None:
+            n.wait_for(r"probe: action=echo-irq")
+            time.sleep(0.2)  # a is now halted, waiting for its COM1 interrupt
+            n.mv.virtualize()
+            n.mv.start(n.kernel("probe.elf"), "console=ttyS1 probe=spin", name="b")
+            time.sleep(0.2)
+            n.machine.com1.feed(b"for a only\n")
+            n.wait_for(r'probe: echo="for a only" irqs=\d+')
+            deadline = time.monotonic() + 5
+            while n.mv.instances["a"].live and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert n.mv.instances["a"].result.status == 0
+            assert n.mv.instances["b"].live
+
+        node.run_with(script)
+    finally:
+        node.machine.close()
