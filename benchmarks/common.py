@@ -53,6 +53,7 @@ def summary(samples: list[float]) -> dict[str, float]:
         "median": statistics.median(ordered),
         "p10": ordered[len(ordered) // 10],
         "p90": ordered[min(len(ordered) - 1, (len(ordered) * 9) // 10)],
+        "p99": ordered[min(len(ordered) - 1, (len(ordered) * 99) // 100)],
         "min": ordered[0],
         "max": ordered[-1],
     }

@@ -58,8 +58,12 @@ class Alarm:
 
     def set(self, at: float | None, fn: Callable[[], None] | None = None) -> None:
         with self._cond:
+            # Wake the thread only when it must wait less than it does now: a woken
+            # thread competes for the GIL with the vCPU thread's world switch.
+            wake = at is not None and (self._at is None or at < self._at)
             self._at, self._fn = at, fn
-            self._cond.notify()
+            if wake:
+                self._cond.notify()
 
     def close(self) -> None:
         with self._cond:

@@ -1,0 +1,302 @@
+"""Split virtqueues (virtio 1.x §2.7), device side.
+
+Nothing read from the rings is trusted. Ring addresses are validated once when the
+driver makes the queue ready; every descriptor is read once (so a guest rewriting it
+concurrently cannot change what was checked) and bounds-checked against guest RAM
+before a window onto it is handed out.
+
+Errors come in two kinds. ``ChainError``: one chain is malformed but the ring itself
+is sound, so the head can be returned with length 0 and the queue goes on.
+``RingError``: the ring is unusable (an avail index running ahead by more than the
+queue size, a head index out of range): the device must stop and set NEEDS_RESET.
+
+Memory ordering: the guest runs on other CPUs. On x86 (TSO) loads are not reordered
+with loads and stores not with stores, and CPython performs memoryview accesses in
+program order, so reading avail.idx before the entries it covers, and writing a used
+entry before used.idx, need no barrier. A store followed by a load of another
+location can be reordered, so the one place that needs it (used.idx, then
+avail.flags) takes a full fence.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+from ...errors import MemoryAccessError
+from ...memory import GuestMemory
+from ._log import DEBUG, WARNING, log
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+
+MAX_QUEUE_SIZE = 32768  # the split-ring limit
+MAX_CHAIN_BYTES = 64 << 20  # larger than any sane request; bounds host work per chain
+DESC_SIZE = 16
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+_LOGGED_ERRORS = 20  # per queue, so a hostile guest cannot flood the log
+
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier: taking a lock executes a locked read-modify-write."""
+    with _fence_lock:
+        pass
+
+
+class ChainError(Exception):
+    """A malformed descriptor chain: drop the request, keep the queue."""
+
+    def __init__(self, head: int, message: str) -> None:
+        super().__init__(message)
+        self.head = head
+
+
+class RingError(Exception):
+    """The ring itself is broken: the device needs a reset."""
+
+
+class Chain:
+    """A descriptor chain as windows onto guest RAM (no copies): the device reads
+    ``readable`` and writes ``writable``, both in chain order."""
+
+    __slots__ = ("head", "readable", "readable_len", "writable", "writable_len")
+
+    def __init__(self, head: int) -> None:
+        self.head = head
+        self.readable: list[memoryview] = []
+        self.writable: list[memoryview] = []
+        self.readable_len = 0
+        self.writable_len = 0
+
+
+def ring_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of (descriptor table, driver area, device area) for a queue size."""
+    return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
+
+
+class Virtqueue:
+    """One split virtqueue. The transport writes the configuration fields; the
+    backend calls ``pop``/``push`` (under its own lock, from one thread at a time)."""
+
+    def __init__(self, memory: GuestMemory, index: int, max_size: int) -> None:
+        self.memory = memory
+        self.index = index
+        self.max_size = max_size
+        self.indirect = False  # VIRTIO_F_INDIRECT_DESC negotiated
+        self.errors = 0
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.size = self.max_size
+            self.desc_addr = 0
+            self.driver_addr = 0
+            self.device_addr = 0
+            self.ready = False
+            self._last_avail = 0
+            self._used_idx = 0
+            self._desc: memoryview | None = None
+            self._avail: memoryview | None = None
+            self._used: memoryview | None = None
+
+    # --- configuration (transport) ---------------------------------------------------
+
+    def check_config(self) -> str | None:
+        """Why the current configuration cannot be made ready, or None."""
+        size = self.size
+        if size <= 0 or size > self.max_size or size & (size - 1):
+            return f"queue size {size} is not a power of two in [1, {self.max_size}]"
+        desc, avail, used = ring_sizes(size)
+        areas = (
+            ("descriptor table", self.desc_addr, desc, 16),
+            ("driver area", self.driver_addr, avail, 2),
+            ("device area", self.device_addr, used, 4),
+        )
+        for name, addr, length, align in areas:
+            if addr % align:
+                return f"{name} at {addr:#x} is not {align}-byte aligned"
+            try:
+                self.memory.check(addr, length)
+            except MemoryAccessError as exc:
+                return f"{name}: {exc}"
+        return None
+
+    def enable(self) -> str | None:
+        """Make the queue ready; returns an error message instead if it cannot be."""
+        error = self.check_config()
+        if error is not None:
+            return error
+        desc, avail, used = ring_sizes(self.size)
+        with self._lock:
+            self._desc = self.memory.view(self.desc_addr, desc)
+            self._avail = self.memory.view(self.driver_addr, avail)
+            self._used = self.memory.view(self.device_addr, used)
+            self._last_avail = 0
+            self._used_idx = 0
+            self.ready = True
+        return None
+
+    def disable(self) -> None:
+        with self._lock:
+            self.ready = False
+            self._desc = self._avail = self._used = None
+
+    # --- device side -----------------------------------------------------------------
+
+    def has_available(self) -> bool:
+        avail = self._avail
+        return avail is not None and _U16.unpack_from(avail, 2)[0] != self._last_avail
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None. Raises ChainError or RingError."""
+        with self._lock:
+            avail = self._avail
+            if avail is None:
+                return None
+            avail_idx = _U16.unpack_from(avail, 2)[0]
+            pending = (avail_idx - self._last_avail) & 0xFFFF
+            if pending == 0:
+                return None
+            if pending > self.size:
+                raise RingError(
+                    f"queue {self.index}: avail index {avail_idx} is {pending} entries ahead "
+                    f"of {self._last_avail}, more than the queue size {self.size}"
+                )
+            slot = self._last_avail % self.size
+            head = _U16.unpack_from(avail, 4 + 2 * slot)[0]
+            self._last_avail = (self._last_avail + 1) & 0xFFFF
+            if head >= self.size:
+                raise RingError(f"queue {self.index}: head index {head} >= size {self.size}")
+            return self._walk(head)
+
+    def push(self, head: int, length: int) -> None:
+        """Return a chain to the driver; ``length`` is the number of bytes written."""
+        with self._lock:
+            used = self._used
+            if used is None:
+                return  # queue disabled or reset meanwhile: the driver no longer wants it
+            slot = self._used_idx % self.size
+            _USED_ELEM.pack_into(used, 4 + 8 * slot, head, length)
+            self._used_idx = (self._used_idx + 1) & 0xFFFF
+            _U16.pack_into(used, 2, self._used_idx)  # after the entry (TSO keeps the order)
+
+    def wants_interrupt(self) -> bool:
+        """Whether the driver asked to be interrupted (VIRTQ_AVAIL_F_NO_INTERRUPT clear)."""
+        full_fence()  # our used.idx store must be visible before we read the flag
+        avail = self._avail
+        if avail is None:
+            return False
+        return not _U16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def note_error(self, message: str) -> None:
+        self.errors += 1
+        level = WARNING if self.errors <= _LOGGED_ERRORS else DEBUG
+        log(level, "virtqueue %d: %s", self.index, message)
+
+    # --- chain walking ---------------------------------------------------------------
+
+    def _walk(self, head: int) -> Chain:
+        chain = Chain(head)
+        table = self._desc
+        assert table is not None
+        table_len = self.size
+        index = head
+        in_indirect = False
+        budget = self.max_size  # descriptors in the whole chain, indirect ones included
+        total = 0
+        while True:
+            budget -= 1
+            if budget < 0:
+                raise ChainError(head, f"chain from {head} is longer than {self.max_size}")
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise ChainError(head, "indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                if in_indirect or flags & VIRTQ_DESC_F_NEXT:
+                    raise ChainError(head, "nested or chained indirect descriptor")
+                if length == 0 or length % DESC_SIZE:
+                    raise ChainError(head, f"indirect table length {length} is not n x 16")
+                table = self._window(head, addr, length)
+                table_len = length // DESC_SIZE
+                in_indirect = True
+                index = 0
+                continue
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise ChainError(head, f"chain from {head} exceeds {MAX_CHAIN_BYTES} bytes")
+            window = self._window(head, addr, length)
+            if flags & VIRTQ_DESC_F_WRITE:
+                chain.writable.append(window)
+                chain.writable_len += length
+            elif chain.writable:
+                raise ChainError(head, "readable descriptor after a writable one")
+            else:
+                chain.readable.append(window)
+                chain.readable_len += length
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return chain
+            if nxt >= table_len:
+                raise ChainError(head, f"next index {nxt} out of range {table_len}")
+            index = nxt
+
+    def _window(self, head: int, addr: int, length: int) -> memoryview:
+        try:
+            return self.memory.view(addr, length)
+        except MemoryAccessError as exc:
+            raise ChainError(head, str(exc)) from None
+
+
+# --- helpers over lists of windows -----------------------------------------------------
+
+
+def gather(views: list[memoryview], length: int, offset: int = 0) -> bytes:
+    """Copy up to ``length`` bytes starting ``offset`` bytes into the windows."""
+    out = bytearray()
+    for view in views:
+        if offset >= len(view):
+            offset -= len(view)
+            continue
+        take = view[offset : offset + length - len(out)]
+        out += take
+        offset = 0
+        if len(out) >= length:
+            break
+    return bytes(out)
+
+
+def scatter(views: list[memoryview], data: bytes | bytearray | memoryview, offset: int = 0) -> int:
+    """Copy ``data`` into the windows from ``offset``; returns the bytes written."""
+    src = memoryview(data)
+    done = 0
+    for view in views:
+        if offset >= len(view):
+            offset -= len(view)
+            continue
+        n = min(len(view) - offset, len(src) - done)
+        view[offset : offset + n] = src[done : done + n]
+        done += n
+        offset = 0
+        if done >= len(src):
+            break
+    return done
+
+
+def slice_views(views: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """The windows covering bytes [start, end) of the concatenation (still no copy)."""
+    out = []
+    pos = 0
+    for view in views:
+        lo, hi = max(start - pos, 0), min(end - pos, len(view))
+        if lo < hi:
+            out.append(view[lo:hi])
+        pos += len(view)
+        if pos >= end:
+            break
+    return out

@@ -1,0 +1,150 @@
+"""One vsock stream between a host TCP socket and a guest port, as the vsock
+backend's thread sees it. Pure state and non-blocking socket I/O: the device decides
+what goes on the queues.
+
+Flow control, guest → host: we advertise ``buf_alloc`` bytes and count in
+``fwd_cnt`` what has left our buffer for the TCP socket. The buffer (``to_tcp``) can
+never hold more than ``buf_alloc``, so when the TCP client is slow its send buffer
+fills, ``fwd_cnt`` stops moving and the guest runs out of credit.
+
+Host → guest: we may have at most ``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`` bytes
+in flight. The TCP socket is read only when that credit is positive and the last
+read has been handed to the guest, so a slow guest leaves data in the kernel's TCP
+buffers and the client blocks.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .forward import HostListener
+
+CONNECTING = "connecting"
+ESTABLISHED = "established"
+
+READ_CHUNK = 64 << 10
+
+
+class Conn:
+    def __init__(
+        self,
+        sock: socket.socket,
+        host_port: int,
+        guest_port: int,
+        buf_alloc: int,
+        listener: HostListener | None,
+    ) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.host_port = host_port
+        self.guest_port = guest_port
+        self.buf_alloc = buf_alloc
+        self.listener = listener
+        self.state = CONNECTING
+        self.deadline = 0.0  # connect time-out, or when to retry a refused request
+        self.first_request = 0.0
+        self.request_due = True
+        # host → guest
+        self.to_guest = bytearray()
+        self.tx_cnt = 0
+        self.peer_buf_alloc = 0
+        self.peer_fwd_cnt = 0
+        self.tcp_eof = False
+        self.sent_shutdown = False
+        # guest → host
+        self.to_tcp = bytearray()
+        self.rx_cnt = 0
+        self.fwd_cnt = 0
+        self.adv_fwd_cnt = 0  # fwd_cnt as last told to the guest
+        self.credit_requested = False
+        self.guest_shut_send = False
+        self.guest_shut_rcv = False
+        self.guest_gone = False  # the guest reset the stream; only flushing remains
+        self.tcp_shut_wr = False
+        # bookkeeping for the device
+        self.mask = 0
+        self.polled = False
+        self.scheduled = False
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.host_port, self.guest_port
+
+    def credit(self) -> int:
+        """Bytes the guest can take now."""
+        return self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & 0xFFFF_FFFF)
+
+    def guest_room(self) -> int:
+        """Bytes the guest may still send before exceeding our advertised buffer."""
+        return self.buf_alloc - (self.rx_cnt - self.fwd_cnt)
+
+    def wants_read(self) -> bool:
+        return (
+            self.state == ESTABLISHED
+            and not (self.tcp_eof or self.guest_shut_rcv or self.guest_gone or self.to_guest)
+            and self.credit() > 0
+        )
+
+    def epoll_mask(self) -> int:
+        mask = select.EPOLLIN if self.wants_read() else 0
+        if self.to_tcp:
+            mask |= select.EPOLLOUT
+        return mask
+
+    def read_tcp(self) -> bool:
+        """Read what the guest has credit for. False if the socket failed."""
+        if not self.wants_read():
+            return True
+        try:
+            data = self.sock.recv(min(self.credit(), READ_CHUNK))
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if data:
+            self.to_guest += data
+        else:
+            self.tcp_eof = True
+        return True
+
+    def flush_tcp(self) -> bool:
+        """Send buffered guest data to the client. False if the socket failed."""
+        if self.to_tcp:
+            try:
+                sent = self.sock.send(self.to_tcp)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return False
+            del self.to_tcp[:sent]
+            self.fwd_cnt = (self.fwd_cnt + sent) & 0xFFFF_FFFF
+        if not self.to_tcp and self.guest_shut_send and not self.tcp_shut_wr:
+            self.tcp_shut_wr = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                return False
+        return True
+
+    def credit_update_due(self) -> bool:
+        freed = (self.fwd_cnt - self.adv_fwd_cnt) & 0xFFFF_FFFF
+        # A guest out of credit has buf_alloc bytes outstanding, so this always fires
+        # before it could stall.
+        return self.credit_requested or freed >= min(self.buf_alloc // 4, 64 << 10)
+
+    def host_done(self) -> bool:
+        """Nothing more will go to the guest."""
+        return self.guest_shut_rcv or (self.tcp_eof and not self.to_guest and self.sent_shutdown)
+
+    def guest_done(self) -> bool:
+        """Nothing more will go to the client."""
+        return self.guest_shut_send and not self.to_tcp and self.tcp_shut_wr
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
