@@ -6,7 +6,11 @@
 #define LAPIC_TPR	0x080
 #define LAPIC_EOI	0x0b0
 #define LAPIC_SVR	0x0f0
+#define LAPIC_LVT_TIMER	0x320
 #define LAPIC_LVT_LINT0	0x350
+#define LAPIC_TICR	0x380
+#define LAPIC_TCCR	0x390
+#define LAPIC_TDCR	0x3e0
 #define LVT_MASKED	(1u << 16)
 #define SVR_ENABLE	(1u << 8)
 
@@ -34,6 +38,17 @@ void lapic_enable(void)
 void lapic_eoi(void) { mmio_write32(lapic_base + LAPIC_EOI, 0); }
 
 uint32_t lapic_id(void) { return mmio_read32(lapic_base + LAPIC_ID) >> 24; }
+
+uint64_t lapic_phys_base(void) { return lapic_base; }
+
+void lapic_timer_set(uint32_t lvt, uint32_t divide, uint32_t initial)
+{
+	mmio_write32(lapic_base + LAPIC_TDCR, divide);
+	mmio_write32(lapic_base + LAPIC_LVT_TIMER, lvt);
+	mmio_write32(lapic_base + LAPIC_TICR, initial);	/* starts (or, with 0, stops) the count */
+}
+
+uint32_t lapic_timer_current(void) { return mmio_read32(lapic_base + LAPIC_TCCR); }
 
 static void ioapic_write(unsigned reg, uint32_t v)
 {

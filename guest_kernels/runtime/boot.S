@@ -166,6 +166,7 @@ gdt_ptr:
  */
 	.section .data.pagetables, "aw"
 	.balign 4096
+	.globl pd_kernel, pd_ident		/* user.c sets User/PCD bits and the LAPIC alias */
 pml4:		.fill 512, 8, 0
 pdpt_low:	.fill 512, 8, 0
 pdpt_high:	.fill 512, 8, 0

@@ -106,6 +106,8 @@ typedef void (*irq_handler_t)(struct trap_frame *tf);
  * handler sends its own EOI).  dpl=3 lets CPL3 code use `int vector`. */
 void irq_register(uint8_t vector, irq_handler_t fn, int dpl);
 __attribute__((noreturn)) void crash(const struct trap_frame *tf);	/* CRASH line, exit 3 */
+/* Point a gate at an assembly entry of its own (no trap_frame, no C dispatch). */
+void idt_set(uint8_t vector, const void *entry, int dpl);
 
 /* Kernel stack used on CPL3->CPL0 transitions (TSS.rsp0). */
 void tss_set_rsp0(uint64_t rsp0);
@@ -121,5 +123,23 @@ uint32_t lapic_id(void);
 #define IOAPIC_LEVEL		(1u << 15)
 void ioapic_route(unsigned pin, uint8_t vector, uint32_t dest_apic_id, uint32_t flags);	/* fixed, physical, unmasked */
 void ioapic_mask(unsigned pin);
+uint64_t lapic_phys_base(void);		/* valid after lapic_enable() */
+#define LAPIC_TIMER_PERIODIC	(1u << 17)
+#define LAPIC_LVT_MASKED	(1u << 16)
+#define LAPIC_DIV16		0x3
+void lapic_timer_set(uint32_t lvt, uint32_t divide, uint32_t initial);	/* TDCR, LVT timer, TICR */
+uint32_t lapic_timer_current(void);
+
+/* ---- TSC ---- */
+static inline uint64_t rdtsc(void)
+{
+	uint32_t lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((uint64_t)hi << 32) | lo;
+}
+
+/* ---- user mode (user.c, entry.S; see README "User mode") ---- */
+/* Enter the kernel's CPL3 program (<name>/user/, entry _ustart in ulib/crt0.S); never returns. */
+__attribute__((noreturn)) void user_run(void);
 
 #endif

@@ -38,14 +38,22 @@ static irq_handler_t handlers[256] __zeroed;
 
 void tss_set_rsp0(uint64_t rsp0) { tss.rsp[0] = rsp0; }
 
-static void set_gate(unsigned vec, unsigned ist, unsigned dpl)
+static void set_gate_to(unsigned vec, uint64_t a, unsigned ist, unsigned dpl)
 {
-	uint64_t a = (uint64_t)(isr_stubs + 16 * vec);
-
 	idt[vec] = (struct idt_gate){
 		.off0 = a, .sel = SEL_KCODE, .ist = ist, .type = 0x8e | (dpl << 5),
 		.off1 = a >> 16, .off2 = a >> 32,
 	};
+}
+
+static void set_gate(unsigned vec, unsigned ist, unsigned dpl)
+{
+	set_gate_to(vec, (uint64_t)(isr_stubs + 16 * vec), ist, dpl);
+}
+
+void idt_set(uint8_t vector, const void *entry, int dpl)
+{
+	set_gate_to(vector, (uint64_t)entry, 0, dpl ? 3 : 0);
 }
 
 void trap_init(void)

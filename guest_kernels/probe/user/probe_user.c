@@ -1,0 +1,150 @@
+/*
+ * probe.elf's CPL3 actions (kmain hands over with user_run() for these):
+ *   user-exit:N  exit(N) from CPL3
+ *   user-fault   read an unmapped address: CRASH ... cpl=3, exit 3
+ *   clock        11 clock_ns lines 100 ms apart (busy-waiting on the clock)
+ *   timer        LAPIC timer at hz= (default 100), wait_interrupt until 1 s passed
+ *   syscall      1000 null syscalls, cycles per call
+ *   user-map     SYS_map: the IOAPIC window (read its version register at CPL3),
+ *                the kernel image (refused), RAM above 4 GiB (refused)
+ *   user-echo-irq  a user-mode UART driver: SYS_irq routes the console's IOAPIC
+ *                pin, SYS_wait_interrupt reports it; the line is echoed
+ *   idle         an idle OS: no timer, waits for interrupts forever (tickless);
+ *                the microvisor's "idle second instance"
+ */
+#include "ulib.h"
+
+#define UNMAPPED	0x0000100000000000UL
+
+static int parse_u8(const char *s)
+{
+	int v = 0;
+
+	if (!*s)
+		return -1;
+	for (; *s; s++)
+		if (*s < '0' || *s > '9' || (v = v * 10 + *s - '0') > 255)
+			return -1;
+	return v;
+}
+
+static int clock_lines(void)
+{
+	uint64_t t0 = sys_clock_ns();
+
+	for (int i = 0; i <= 10; i++) {
+		uint64_t due = t0 + i * 100000000UL;
+		while (uclock_ns() < due)
+			;
+		uprintf("probe: clock_ns=%lu\n", sys_clock_ns());
+	}
+	return 0;
+}
+
+static int timer(void)
+{
+	uint64_t hz = uarg_u64("hz", 100), t0, t1, k0, k1;
+
+	sys_timer(hz);
+	hz = uinfo->hz;			/* as clamped by the kernel */
+	k0 = uticks();
+	t0 = uclock_ns();
+	do
+		sys_wait_interrupt();
+	while ((t1 = uclock_ns()) - t0 < 1000000000UL);
+	k1 = uticks();
+	sys_timer(0);
+	uprintf("probe: ticks=%lu hz=%lu elapsed_ns=%lu\n", k1 - k0, hz, t1 - t0);
+	return 0;
+}
+
+static int syscalls(void)
+{
+	const unsigned n = 1000;
+	uint64_t t0, t1;
+
+	sys_null();
+	t0 = urdtsc();
+	for (unsigned i = 0; i < n; i++)
+		sys_null();
+	t1 = urdtsc();
+	uprintf("probe: syscalls=%u cycles_per_call=%lu\n", n, (t1 - t0) / n);
+	return 0;
+}
+
+#define LINE_MAX	128
+#define IOAPIC		0xfec00000UL
+
+static int map(void)
+{
+	int64_t io = sys_map(IOAPIC, 0x20, MAP_NOCACHE);
+	int64_t kern = sys_map(uinfo->load_base, 4096, 0);
+	int64_t high = sys_map(1UL << 32, 4096, 0);
+	uint32_t ver = 0;
+
+	if (io == (int64_t)IOAPIC) {
+		*(volatile uint32_t *)IOAPIC = 1;		/* IOREGSEL: IOAPICVER */
+		ver = *(volatile uint32_t *)(IOAPIC + 0x10);	/* IOWIN */
+	}
+	uprintf("probe: map=0x%lx ioapic_ver=0x%08x kernel=%ld above_4g=%ld\n", io, ver, kern, high);
+	return io == (int64_t)IOAPIC && kern == -E_PERM && high == -E_INVAL ? 0 : 1;
+}
+
+static int echo_irq(void)
+{
+	const char *con = uarg("console");
+	int com2 = con && !strncmp(con, "ttyS1", 5) && (!con[5] || con[5] == ',');
+	uint16_t port = com2 ? 0x2f8 : 0x3f8;
+	unsigned pin = com2 ? 3 : 4, irqs = 0, n = 0, done = 0;
+	char line[LINE_MAX + 1];
+
+	sys_irq(pin, IRQ_EDGE_HIGH);
+	uoutb(port + 4, 0x0b);		/* MCR: DTR | RTS | OUT2 */
+	uoutb(port + 1, 0x01);		/* IER: received data available */
+	while (!done) {
+		if (sys_wait_interrupt() & (1UL << pin))
+			irqs++;
+		while (!done && (uinb(port + 5) & 0x01)) {	/* LSR.DR */
+			char c = uinb(port);
+			if (c == '\n')
+				done = 1;
+			else if (c != '\r' && n < LINE_MAX)
+				line[n++] = c;
+		}
+	}
+	uoutb(port + 1, 0x00);
+	sys_irq(pin, IRQ_MASK);
+	line[n] = 0;
+	uprintf("probe: echo=\"%s\" irqs=%u\n", line, irqs);
+	return 0;
+}
+
+int umain(void)
+{
+	const char *action = uarg("probe");
+	int code;
+
+	if (!action)
+		action = "";
+	if (!strncmp(action, "user-exit:", 10) && (code = parse_u8(action + 10)) >= 0)
+		sys_exit(code);
+	if (!strcmp(action, "user-fault"))
+		return *(volatile uint8_t *)UNMAPPED;
+	if (!strcmp(action, "clock"))
+		return clock_lines();
+	if (!strcmp(action, "timer"))
+		return timer();
+	if (!strcmp(action, "syscall"))
+		return syscalls();
+	if (!strcmp(action, "user-map"))
+		return map();
+	if (!strcmp(action, "idle")) {
+		uprintf("probe: idle\n");
+		for (;;)
+			sys_wait_interrupt();
+	}
+	if (!strcmp(action, "user-echo-irq"))
+		return echo_irq();
+	uprintf("probe: error=unknown-action\n");
+	return 2;
+}
