@@ -59,8 +59,8 @@ def test_clock_is_monotonic_and_matches_host_time(kernels):
     with GuestProcess(["boot", str(kernels / "probe.elf"), "--cmdline", "probe=clock",
                        "--timeout", "30"]) as guest:
         for index in range(11):
-            pattern = r"(?:probe: clock_ns=(\d+)\n)" + "{%d}" % (index + 1)
-            match = guest.expect(pattern, timeout=10)
+            # Wait for the (index+1)-th reading and note when it arrived.
+            match = guest.expect(r"(?:probe: clock_ns=\d+\n){%d}" % (index + 1), timeout=10)  # noqa: UP031
             last = re.findall(r"probe: clock_ns=(\d+)", match[0])[-1]
             readings.append((time.monotonic(), int(last)))
         assert guest.wait() == 0
