@@ -20,7 +20,7 @@ import time
 from common import KERNELS, report, summary
 
 from pyvmm.machine import Machine, RunResult
-from pyvmm.microvisor import Microvisor
+from pyvmm.microvisor import Microvisor, OsInstance
 
 MiB = 1 << 20
 WORKLOADS = ("alu", "stream", "chase", "crc32")
@@ -91,6 +91,17 @@ def kick_latency(count: int) -> dict:
     return {"kicks": len(samples), "latency_us": summary(samples)}
 
 
+def _end_when_retired(machine: Machine, instance: OsInstance) -> None:
+    """The idle instance never exits: end the node once the benchmark instance has."""
+
+    def watch() -> None:
+        while instance.live:
+            time.sleep(0.01)
+        machine.call_on_vcpu(lambda: machine.stop(RunResult("stopped", 0)))
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def bench_run(mode: str, cmdline: str) -> dict[str, dict]:
     """bench.elf once in ``mode``; returns its JSON lines by workload."""
     console = Capture()
@@ -101,12 +112,14 @@ def bench_run(mode: str, cmdline: str) -> dict[str, dict]:
     else:
         with Machine(256 * MiB, partitions=2, console=console, console2=console) as m:
             mv = Microvisor(m)
-            mv.boot(str(KERNELS / "bench.elf"), cmdline)
+            bench = mv.boot(str(KERNELS / "bench.elf"), cmdline)
             if mode != "devirtualized":
                 mv.virtualize()  # before the first instruction: the whole run is trapped
                 if mode == "virtualized+idle":
                     mv.start(str(KERNELS / "probe.elf"), "console=ttyS1 probe=idle", name="b")
+                    _end_when_retired(m, bench)
             result = mv.run(600)
+            result = bench.result or result
     if result.reason != "exit" or result.status != 0:
         sys.exit(f"bench.elf failed in mode {mode}: {result.message}\n{console.data.decode()}")
     return console.bench_lines()

@@ -74,6 +74,7 @@ class VirtioBlk(VirtioBackend):
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._resetting = False  # a reset waits for the lock: take no new request
         self.requests = 0
 
     def config(self) -> bytes:
@@ -94,8 +95,12 @@ class VirtioBlk(VirtioBackend):
         self._kick.set()
 
     def reset(self) -> None:
+        # Locks are not fair: without the flag a busy worker could retake the lock
+        # for request after request while the vCPU waits to reset.
+        self._resetting = True
         with self._lock:
             self.transport = None
+            self._resetting = False
 
     def close(self) -> None:
         self.reset()
@@ -126,7 +131,7 @@ class VirtioBlk(VirtioBackend):
         while True:
             with self._lock:
                 transport = self.transport
-                if transport is None:
+                if transport is None or self._resetting:
                     return
                 queue = transport.queues[0]
                 chain = self.pop(queue)
@@ -140,7 +145,8 @@ class VirtioBlk(VirtioBackend):
                     transport.used(0)  # let the driver start on completions early
 
     def _handle(self, chain: Chain) -> int:
-        """Serve one request; returns the number of bytes written to the driver."""
+        """Serve one request; returns the used length. The status byte is the last
+        writable byte, so that is the whole writable part whatever the outcome."""
         self.requests += 1
         if chain.writable_len < 1:
             self.transport.queues[0].note_error("blk request without a status byte")
@@ -150,13 +156,11 @@ class VirtioBlk(VirtioBackend):
         header = gather(chain.readable, _HEADER.size)
         if len(header) < _HEADER.size:
             status_view[0] = VIRTIO_BLK_S_IOERR
-            return 1
+            return chain.writable_len
         kind, _, sector = _HEADER.unpack(header)
-        written = 0
         if kind == VIRTIO_BLK_T_IN:
             views = slice_views(chain.writable, 0, data_len)
             status = self._transfer(sector, data_len, views, write=False)
-            written = data_len if status == VIRTIO_BLK_S_OK else 0
         elif kind == VIRTIO_BLK_T_OUT:
             views = slice_views(chain.readable, _HEADER.size, chain.readable_len)
             length = chain.readable_len - _HEADER.size
@@ -164,12 +168,12 @@ class VirtioBlk(VirtioBackend):
         elif kind == VIRTIO_BLK_T_FLUSH:
             status = self._flush()
         elif kind == VIRTIO_BLK_T_GET_ID:
-            written = scatter(slice_views(chain.writable, 0, data_len), self.serial)
+            scatter(slice_views(chain.writable, 0, data_len), self.serial)
             status = VIRTIO_BLK_S_OK
         else:
             status = VIRTIO_BLK_S_UNSUPP
         status_view[0] = status
-        return written + 1
+        return chain.writable_len
 
     def _transfer(self, sector: int, length: int, views: list[memoryview], write: bool) -> int:
         if length % SECTOR or sector + length // SECTOR > self.capacity:

@@ -7,11 +7,14 @@ backends raise interrupts from their worker threads.
 
 Wiring (machine side)::
 
-    transport = VirtioMmioTransport(memory, VirtioBlk("disk.img"), irq_line)
+    transport = VirtioMmioTransport(memory, VirtioBlk("disk.img"), irq)
     mmio_bus.register(base, MMIO_WINDOW, transport)
-    # optional fast path: an ioeventfd on base + QUEUE_NOTIFY (4 bytes, no datamatch)
-    # whose poller reads the queue index... or one ioeventfd per queue with datamatch,
-    # each calling transport.notify(index). ``irq_line.trigger()`` writes the irqfd.
+
+``irq.trigger()`` should write the eventfd of an irqfd on the device's GSI; it is
+called once per event (edge), with the cause in InterruptStatus. Kicks either reach
+the bus as QueueNotify writes, or the machine registers one ioeventfd per queue at
+``base + QUEUE_NOTIFY`` (4 bytes, datamatch = queue index) and its poller thread
+calls ``transport.notify(index)``.
 
 Locks: ``_lock`` serialises register state (vCPU side) and is held while the backend
 is activated or reset. ``_irq_lock`` guards InterruptStatus and NEEDS_RESET and is a
@@ -170,6 +173,15 @@ class VirtioMmioTransport(Device):
         with self._lock:
             self._reset()
 
+    def set_dma_window(self, base: int, size: int) -> None:
+        """Confine the device to guest-physical [base, base + size), e.g. its owner's
+        partition. Resets the device: rings set up under the old window may lie outside."""
+        self.memory.check(base, size)
+        with self._lock:
+            self._reset()
+            for queue in self.queues:
+                queue.dma_base, queue.dma_end = base, base + size
+
     def close(self) -> None:
         with self._lock:
             self._active = False
@@ -271,7 +283,7 @@ class VirtioMmioTransport(Device):
     def _write_queue_config(self, offset: int, value: int) -> None:
         queue = self._selected()
         if queue is None or queue.ready:
-            log(WARNING, "%s: queue %d config write while ready or absent", self.name, self._queue_sel)
+            log(WARNING, "%s: queue config write while ready or absent", self.name)
             return
         if offset == QUEUE_NUM:
             queue.size = value
@@ -308,13 +320,14 @@ class VirtioMmioTransport(Device):
             if not self.status & STATUS_FEATURES_OK:
                 self.device_error("DRIVER_OK without FEATURES_OK")
             elif not self.needs_reset:
+                self._active = True  # first: a device error during activation clears it
                 self.backend.activate(self)
-                self._active = True
 
     def _accept_features(self) -> bool:
         wanted = self.driver_features
         if wanted & ~self.device_features or not wanted & VIRTIO_F_VERSION_1:
-            log(WARNING, 
+            log(
+                WARNING,
                 "%s: refused driver features %#x (offered %#x)",
                 self.name,
                 wanted,

@@ -89,6 +89,10 @@ class Virtqueue:
         self.index = index
         self.max_size = max_size
         self.indirect = False  # VIRTIO_F_INDIRECT_DESC negotiated
+        # The guest-physical range the device may touch: the owner's partition, so
+        # one instance cannot aim a device at another instance's memory.
+        self.dma_base = 0
+        self.dma_end = memory.size
         self.errors = 0
         self._lock = threading.Lock()
         self.reset()
@@ -123,7 +127,7 @@ class Virtqueue:
             if addr % align:
                 return f"{name} at {addr:#x} is not {align}-byte aligned"
             try:
-                self.memory.check(addr, length)
+                self._check(addr, length)
             except MemoryAccessError as exc:
                 return f"{name}: {exc}"
         return None
@@ -149,10 +153,6 @@ class Virtqueue:
             self._desc = self._avail = self._used = None
 
     # --- device side -----------------------------------------------------------------
-
-    def has_available(self) -> bool:
-        avail = self._avail
-        return avail is not None and _U16.unpack_from(avail, 2)[0] != self._last_avail
 
     def pop(self) -> Chain | None:
         """The next available chain, or None. Raises ChainError or RingError."""
@@ -246,8 +246,17 @@ class Virtqueue:
                 raise ChainError(head, f"next index {nxt} out of range {table_len}")
             index = nxt
 
+    def _check(self, addr: int, length: int) -> None:
+        if addr < self.dma_base or addr + length > self.dma_end:
+            raise MemoryAccessError(
+                f"guest-physical range {addr:#x}+{length:#x} is outside the device's "
+                f"DMA window [{self.dma_base:#x}, {self.dma_end:#x})"
+            )
+        self.memory.check(addr, length)
+
     def _window(self, head: int, addr: int, length: int) -> memoryview:
         try:
+            self._check(addr, length)
             return self.memory.view(addr, length)
         except MemoryAccessError as exc:
             raise ChainError(head, str(exc)) from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import select
 import socket
+import struct
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ CONNECTING = "connecting"
 ESTABLISHED = "established"
 
 READ_CHUNK = 64 << 10
+_LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends RST
 
 
 class Conn:
@@ -47,6 +49,7 @@ class Conn:
         self.deadline = 0.0  # connect time-out, or when to retry a refused request
         self.first_request = 0.0
         self.request_due = True
+        self.attempts = 0  # refused requests repeated so far
         # host → guest
         self.to_guest = bytearray()
         self.tx_cnt = 0
@@ -79,7 +82,7 @@ class Conn:
 
     def guest_room(self) -> int:
         """Bytes the guest may still send before exceeding our advertised buffer."""
-        return self.buf_alloc - (self.rx_cnt - self.fwd_cnt)
+        return self.buf_alloc - ((self.rx_cnt - self.fwd_cnt) & 0xFFFF_FFFF)
 
     def wants_read(self) -> bool:
         return (
@@ -143,8 +146,12 @@ class Conn:
         """Nothing more will go to the client."""
         return self.guest_shut_send and not self.to_tcp and self.tcp_shut_wr
 
-    def close(self) -> None:
+    def close(self, abortive: bool = False) -> None:
+        """Close the client's connection. ``abortive`` resets it (TCP RST), so a client
+        never takes a stream that was cut short for a complete one."""
         try:
+            if abortive:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self.sock.close()
         except OSError:
             pass

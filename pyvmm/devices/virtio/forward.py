@@ -1,0 +1,94 @@
+"""Host TCP port → guest vsock port forwarding, detachable from its device.
+
+A ``HostListener`` owns the listening TCP socket and outlives any one vsock device:
+``attach(device)`` makes that device's thread accept connections and open a vsock
+stream to ``guest_port`` for each; ``detach()`` stops it. In between, nothing is
+refused: new connections wait in the kernel's accept backlog, and connections that
+were accepted but not yet answered by the guest (no RESPONSE) come back to the
+listener's ``pending`` list and are offered again to the next device. That is the
+hand-off of a service from one OS instance to another: detach from A's device,
+attach to B's. Established streams stay with the device that carried them.
+
+A refusal (RST to our REQUEST) closes the client's connection, unless
+``retry_refused`` seconds are given: then the request is repeated with back-off for
+that long, which covers a new instance whose service is not listening yet.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections import deque
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .vsock import VirtioVsock
+
+DEFAULT_BACKLOG = 1024
+
+
+class HostListener:
+    def __init__(
+        self,
+        host_addr: str,
+        host_port: int,
+        guest_port: int,
+        backlog: int = DEFAULT_BACKLOG,
+        retry_refused: float = 0.0,
+    ) -> None:
+        self.guest_port = guest_port
+        self.retry_refused = retry_refused
+        family = socket.AF_INET6 if ":" in host_addr else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host_addr, host_port))
+            self.sock.listen(backlog)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.fd = self.sock.fileno()
+        # Accepted sockets not yet connected to a guest, oldest first.
+        self.pending: deque[socket.socket] = deque()
+        self.device: VirtioVsock | None = None
+        self._lock = threading.Lock()  # serialises attach/detach
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+    def attach(self, device: VirtioVsock) -> None:
+        with self._lock:
+            if self.device is device:
+                return
+            if self.device is not None:
+                self.device.remove_listener(self)
+                self.device = None
+            device.add_listener(self)
+            self.device = device
+
+    def detach(self) -> None:
+        """Stop forwarding; connections that arrive from now on wait."""
+        with self._lock:
+            if self.device is not None:
+                self.device.remove_listener(self)
+                self.device = None
+
+    def close(self) -> None:
+        self.detach()
+        while self.pending:
+            self.pending.popleft().close()
+        self.sock.close()
+
+    def accept(self) -> socket.socket | None:
+        """The next connection to forward (held ones first), or None."""
+        if self.pending:
+            return self.pending.popleft()
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return None  # e.g. ECONNABORTED: the client gave up while queued
+        return sock
