@@ -37,10 +37,20 @@ def boot(
         str | None,
         typer.Option(help="arm the microvisor: a spare partition and a control socket here"),
     ] = None,
+    disk: Annotated[
+        str | None, typer.Option(help="a file to attach as a virtio-blk disk (blk0)")
+    ] = None,
+    forward: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="[HOST:]PORT=GUEST_PORT: forward a host TCP port to a guest vsock "
+            "port (repeatable)"
+        ),
+    ] = None,
 ) -> None:
     """Boot KERNEL on one vCPU. The guest console is this process's stdin/stdout, and
     the process exits with the code the guest writes to the debug-exit port (0xf4)."""
-    raise typer.Exit(run_boot(kernel, mem, cmdline, timeout, control))
+    raise typer.Exit(run_boot(kernel, mem, cmdline, timeout, control, disk, forward))
 
 
 # --- pyvmm ctl PATH ... ------------------------------------------------------------------

@@ -16,6 +16,12 @@ class PyvmmError(Exception):
     exit_status = 1
 
 
+class UsageError(PyvmmError):
+    """A command-line option is malformed or names something unusable."""
+
+    exit_status = 2
+
+
 class BootError(PyvmmError):
     """The kernel image cannot be booted (malformed ELF, no PVH note, too large...)."""
 

@@ -68,10 +68,20 @@ def error(message: str) -> None:
 
 
 def run_boot(
-    kernel: str, mem: str, cmdline: str, timeout: float | None, control: str | None = None
+    kernel: str,
+    mem: str,
+    cmdline: str,
+    timeout: float | None,
+    control: str | None = None,
+    disk: str | None = None,
+    forward: list[str] | None = None,
 ) -> int:
-    """``pyvmm boot``: returns the process exit status. With ``control``, the node is
-    armed for maintenance: a spare partition of the same size and a control socket."""
+    """``pyvmm boot``: returns the process exit status.
+
+    With ``control``, the node is armed for maintenance: a spare partition of the
+    same size, a vsock device per partition and a control socket. ``disk`` and
+    ``forward`` add the service devices (virtio-blk, host ports to guest vsock ports).
+    """
     try:
         size = parse_size(mem)
     except ValueError as exc:
@@ -83,14 +93,23 @@ def run_boot(
     from .errors import EX_SOFTWARE, PyvmmError
     from .machine import Machine, start_stdin_feeder
 
+    partitions = 2 if control else 1
+    services = None
     try:
-        with Machine(size * (2 if control else 1), partitions=2 if control else 1) as machine:
+        with Machine(size * partitions, partitions=partitions) as machine:
+            if control or disk or forward:
+                from .node import add_service_devices, parse_forward
+
+                forwards = tuple(parse_forward(f) for f in forward or ())
+                services = add_service_devices(machine, disk, forwards)
             if control:
                 result = _run_armed(machine, kernel, cmdline, timeout, control)
             else:
                 machine.boot(kernel, cmdline)
                 start_stdin_feeder(machine.com1)
                 result = machine.run(timeout)
+            if services is not None:
+                services.close()
     except PyvmmError as exc:
         error(str(exc))
         return exc.exit_status

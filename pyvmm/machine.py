@@ -31,7 +31,8 @@ from .devices.bus import Device, MmioBus, PortIoBus
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from .devices.uart import COM1, COM1_IRQ, COM2, COM2_IRQ, UART_PORTS, Uart16550
 from .errors import EX_SOFTWARE, EX_TIMEOUT, BootError
-from .kvm import Kvm, Vm, install_kick_handler
+from .kvm import Kvm, install_kick_handler
+from .lines import IrqfdLine, IrqLine, NotifyPoller
 from .memory import GuestMemory
 from .record import Record
 
@@ -66,29 +67,6 @@ class RunResult(Record):
         return self.reason == "exit"
 
 
-class IrqLine:
-    """An interrupt line into the in-kernel PIC/IOAPIC; only level changes go further.
-
-    ``deliver`` is what a change does: KVM_IRQ_LINE, the direct path. The microvisor
-    swaps it while virtualized (to hold interrupts for a switched-out owner) and puts
-    it back when devirtualizing, so the direct path has nothing of it.
-    """
-
-    def __init__(self, vm: Vm, gsi: int) -> None:
-        self._vm = vm
-        self.gsi = gsi
-        self.level = False
-        self.deliver: Callable[[bool], None] = self.to_kvm
-
-    def __call__(self, level: bool) -> None:
-        if level != self.level:
-            self.level = level
-            self.deliver(level)
-
-    def to_kvm(self, level: bool) -> None:
-        self._vm.irq_line(self.gsi, int(level))
-
-
 class Attachment(Record):
     """A device as installed in the node: its bus windows and interrupt lines."""
 
@@ -96,9 +74,15 @@ class Attachment(Record):
     device: Device
     ports: tuple[tuple[int, int], ...] = ()  # (base, size) on the port-I/O bus
     mmio: tuple[tuple[int, int], ...] = ()  # (base, size) on the MMIO bus
-    irqs: tuple[IrqLine, ...] = ()
+    irqs: tuple[IrqLine | IrqfdLine, ...] = ()
     per_instance: bool = False  # every instance has its own view (the debug-exit "power switch")
 
+
+# virtio-mmio windows: 4 KiB each from here, interrupts on IOAPIC pins from 5 up.
+VIRTIO_MMIO_BASE = 0xD000_0000
+VIRTIO_WINDOW = 0x1000
+VIRTIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15)
+VIRTIO_QUEUE_NOTIFY = 0x050
 
 # What machine.run returns when asked to hand the vCPU back to its caller.
 HANDOVER = "handover"
@@ -143,6 +127,8 @@ class Machine:
         self.pio = PortIoBus()
         self.mmio = MmioBus()
         self.devices: dict[str, Attachment] = {}
+        self.virtio: dict[str, tuple[int, int]] = {}  # name → (window base, GSI)
+        self._notify_poller: NotifyPoller | None = None
         com1_irq, com2_irq = IrqLine(self.vm, COM1_IRQ), IrqLine(self.vm, COM2_IRQ)
         self.consoles = {"com1": Console(console), "com2": Console(console2)}
         self.com1 = Uart16550(self.consoles["com1"], com1_irq)
@@ -176,7 +162,7 @@ class Machine:
         device: Device,
         ports: tuple[tuple[int, int], ...] = (),
         mmio: tuple[tuple[int, int], ...] = (),
-        irqs: tuple[IrqLine, ...] = (),
+        irqs: tuple[IrqLine | IrqfdLine, ...] = (),
         per_instance: bool = False,
     ) -> Attachment:
         """Install a device on the node's buses under a unique name."""
@@ -189,6 +175,33 @@ class Machine:
             self.mmio.register(base, size, device)
         self.devices[name] = attachment
         return attachment
+
+    def attach_virtio(self, name: str, backend: object) -> Attachment:
+        """A virtio-mmio device in the next window, with the next interrupt pin.
+
+        Queue notifications arrive through ioeventfds (one per queue, matched on the
+        queue index) and interrupts leave through an irqfd: a busy device costs the
+        vCPU no exit.
+        """
+        from .devices.virtio import VirtioMmioTransport
+
+        index = len(self.virtio)
+        if index >= len(VIRTIO_GSIS):
+            raise ValueError(f"at most {len(VIRTIO_GSIS)} virtio devices")
+        base, gsi = VIRTIO_MMIO_BASE + index * VIRTIO_WINDOW, VIRTIO_GSIS[index]
+        line = IrqfdLine(self.vm, gsi)
+        transport = VirtioMmioTransport(self.memory, backend, line, name)  # type: ignore[arg-type]
+        if self._notify_poller is None:
+            self._notify_poller = NotifyPoller()
+        for queue in range(len(transport.queues)):
+            self._notify_poller.add(self.vm, base + VIRTIO_QUEUE_NOTIFY, queue, transport.notify)
+        self.virtio[name] = (base, gsi)
+        return self.attach(name, transport, mmio=((base, VIRTIO_WINDOW),), irqs=(line,))
+
+    def virtio_cmdline(self, names: list[str] | None = None) -> str:
+        """``virtio_mmio.device=`` entries announcing devices to a guest (all by default)."""
+        chosen = self.virtio if names is None else {n: self.virtio[n] for n in names}
+        return " ".join(f"virtio_mmio.device=4K@{base:#x}:{gsi}" for base, gsi in chosen.values())
 
     def _capture_pristine(self) -> CpuState:
         self.switcher = StateSwitcher(self.vm, self.vcpu, set(self.kvm.msr_index_list()))
@@ -209,11 +222,22 @@ class Machine:
         return result
 
     def load(self, kernel_path: str, cmdline: str = "", partition: int = 0) -> BootResult:
-        """Load a PVH kernel into a partition; the vCPU is left alone."""
+        """Load a PVH kernel into a partition; the vCPU is left alone. The command line
+        gains the TSC frequency and the virtio devices that partition's instance uses."""
         data = read_kernel_file(kernel_path, self.memory.partitions[partition].size)
         image = parse_kernel_cached(data, os.path.basename(kernel_path))
         writer = self.memory.partition_writer(self.memory.partitions[partition])
-        return load_kernel(writer, image, with_tsc_khz(cmdline, self.tsc_khz))
+        devices = self.virtio_cmdline(self.virtio_for_partition(partition))
+        full = f"{with_tsc_khz(cmdline, self.tsc_khz)} {devices}".strip()
+        return load_kernel(writer, image, full)
+
+    def virtio_for_partition(self, partition: int) -> list[str]:
+        """A partition's own vsock device plus every device that is not a vsock."""
+        return [
+            name
+            for name in self.virtio
+            if not name.startswith("vsock") or name == f"vsock{partition}"
+        ]
 
     # --- running ---------------------------------------------------------------------
 
@@ -359,9 +383,14 @@ class Machine:
         if self._closed:
             return
         self._closed = True
-        for name in ("com1", "com2"):
-            if hasattr(self, name):
-                getattr(self, name).close()
+        if getattr(self, "_notify_poller", None) is not None:
+            self._notify_poller.close()
+        for attachment in getattr(self, "devices", {}).values():
+            closer = getattr(attachment.device, "close", None)
+            if closer is not None:
+                closer()
+            for line in attachment.irqs:
+                line.close()
         for name in ("vcpu", "vm"):
             if hasattr(self, name):
                 getattr(self, name).close()

@@ -71,7 +71,7 @@ def test_status_human_and_json(node):
     assert "mode: devirtualized" in human.stdout and "a: running, partition 0" in human.stdout
     reply = json.loads(ctl(path, "status", "--json").stdout)
     assert reply["ok"] and reply["result"]["mode"] == "devirtualized"
-    assert reply["result"]["instances"][0]["devices"] == ["com1"]
+    assert reply["result"]["instances"][0]["devices"] == ["com1", "vsock0"]
 
 
 def test_maintenance_commands_end_to_end(node, kernels):
@@ -92,7 +92,7 @@ def test_maintenance_commands_end_to_end(node, kernels):
     assert ctl(path, "move", "com1", "b").returncode == 0
     status = json.loads(ctl(path, "status", "--json").stdout)["result"]
     owners = {i["name"]: i["devices"] for i in status["instances"]}
-    assert owners == {"a": [], "b": ["com1", "com2"]}
+    assert owners == {"a": ["vsock0"], "b": ["com1", "com2", "vsock1"]}
     assert status["switches"] > 0 and status["switch_latency_us"]["p50"] > 0
     assert ctl(path, "stop", "b").returncode == 0
     assert ctl(path, "devirtualize").returncode == 0

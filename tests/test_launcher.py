@@ -12,7 +12,7 @@ from pyvmm import cli, launcher
 def typer_boot_arguments(monkeypatch, argv: list[str]) -> dict[str, object] | None:
     seen: dict[str, object] = {}
 
-    def fake_run_boot(kernel, mem, cmdline, timeout, control):
+    def fake_run_boot(kernel, mem, cmdline, timeout, control, disk=None, forward=None):
         seen.update(kernel=kernel, mem=mem, cmdline=cmdline, timeout=timeout, control=control)
         return 0
 
@@ -47,6 +47,8 @@ def test_fast_parser_matches_typer(monkeypatch, argv):
         ["boot", "k.elf", "--timeout", "soon"],
         ["boot", "k.elf", "extra"],
         ["boot", "k.elf", "--unknown", "1"],
+        ["boot", "k.elf", "--disk", "d.img"],
+        ["boot", "k.elf", "--forward", "8080=80"],
     ],
 )
 def test_anything_unusual_goes_to_typer(argv):
@@ -57,7 +59,9 @@ def test_options_mirror_the_typer_command():
     command = typer.main.get_command(cli.app)
     boot = command.commands["boot"]  # type: ignore[attr-defined]
     params = {p.name: p for p in boot.params if p.param_type_name == "option"}
-    assert set(params) == {name for name, _, _ in launcher.BOOT_OPTIONS.values()}
+    # Options for service devices always take the typer path (parse_boot_args refuses them).
+    typer_only = {"disk", "forward"}
+    assert set(params) == {name for name, _, _ in launcher.BOOT_OPTIONS.values()} | typer_only
     for option, (name, _, default) in launcher.BOOT_OPTIONS.items():
         assert option in params[name].opts
         assert params[name].default == default

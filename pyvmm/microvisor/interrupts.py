@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from ..machine import IrqLine
+from ..lines import IrqfdLine, IrqLine
 from .instance import OsInstance
 
 
@@ -20,11 +20,11 @@ class IrqRouter:
     def __init__(self, wake: Callable[[OsInstance], None]) -> None:
         self._wake = wake  # asks the scheduler to run an instance that has an interrupt
         self.lock = threading.RLock()  # held across a world switch
-        self._lines: dict[int, IrqLine] = {}
+        self._lines: dict[int, IrqLine | IrqfdLine] = {}
         self._owner: dict[int, OsInstance] = {}
         self.current: OsInstance | None = None
 
-    def attach(self, lines: list[IrqLine]) -> None:
+    def attach(self, lines: list[IrqLine | IrqfdLine]) -> None:
         """Route these lines through the microvisor (entering virtualized mode)."""
         for line in lines:
             self._lines[line.gsi] = line
@@ -37,7 +37,7 @@ class IrqRouter:
         self._lines.clear()
         self._owner.clear()
 
-    def set_owner(self, line: IrqLine, owner: OsInstance | None) -> None:
+    def set_owner(self, line: IrqLine | IrqfdLine, owner: OsInstance | None) -> None:
         with self.lock:
             if owner is None:
                 self._owner.pop(line.gsi, None)
@@ -47,7 +47,7 @@ class IrqRouter:
                 if instance is not owner:
                     instance.held.discard(line.gsi)
 
-    def _changed(self, line: IrqLine, level: bool) -> None:
+    def _changed(self, line: IrqLine | IrqfdLine, level: bool) -> None:
         with self.lock:
             owner = self._owner.get(line.gsi)
             if not level or owner is self.current:

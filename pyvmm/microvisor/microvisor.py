@@ -39,6 +39,11 @@ REQUEST_TIMEOUT_S = 10.0
 T = TypeVar("T")
 
 
+def _own_devices(partition: int) -> tuple[str, ...]:
+    """The devices an instance in ``partition`` has from the start: console and vsock."""
+    return (f"com{partition + 1}", f"vsock{partition}")
+
+
 class MicrovisorError(Exception):
     """A request that makes no sense in the current state; nothing was changed."""
 
@@ -63,16 +68,17 @@ class Microvisor:
     # --- instances ---------------------------------------------------------------
 
     def boot(self, kernel: str, cmdline: str = "console=ttyS0", name: str = "a") -> OsInstance:
-        """Boot the first instance in partition 0; it owns every device but COM2."""
+        """Boot the first instance in partition 0. It owns its console (COM1) and its
+        vsock device, and every other device but those of partition 1."""
         if self.instances:
             raise MicrovisorError("the first instance is already booted")
         self.machine.boot(kernel, cmdline, partition=0)
-        instance = OsInstance(
-            name, self.machine.memory.partitions[0], copy_state(self.machine.pristine)
-        )
-        instance.devices = {d for d, a in self.machine.devices.items() if not a.per_instance} - {
-            "com2"
-        }
+        partition = self.machine.memory.partitions[0]
+        instance = OsInstance(name, partition, copy_state(self.machine.pristine))
+        others = {d for p in self.machine.memory.partitions[1:] for d in _own_devices(p.index)}
+        for device, attachment in self.machine.devices.items():
+            if not attachment.per_instance and device not in others:
+                self._give(device, instance)
         self.instances[name] = instance
         self.current = instance
         return instance
@@ -123,7 +129,8 @@ class Microvisor:
         cpu = copy_state(self.machine.pristine)
         apply_entry_state(cpu.regs, cpu.sregs, booted.entry)
         instance = OsInstance(name, partition, cpu)
-        return self._on_vcpu(lambda: self._add(instance, {"com2", *devices}))
+        wanted = {*_own_devices(partition.index), *devices} & set(self.machine.devices)
+        return self._on_vcpu(lambda: self._add(instance, wanted))
 
     def status(self) -> dict[str, object]:
         latencies = sorted(self.switch_latency)
@@ -206,7 +213,7 @@ class Microvisor:
 
     def _add(self, instance: OsInstance, devices: set[str]) -> OsInstance:
         for device in devices:
-            self._take(device, instance)
+            self._give(device, instance)
         self.instances[instance.name] = instance
         label = f"[{instance.name}] ".encode()
         console = "com2" if instance.partition.index == 1 else "com1"
@@ -233,17 +240,23 @@ class Microvisor:
             raise MicrovisorError(f"no running instance named {to!r}")
         if self.mode != VIRTUALIZED:
             raise MicrovisorError("devices move between instances only while virtualized")
-        self._take(device, target)
+        self._give(device, target)
         for instance in self.live():
             build_views(instance, self.machine.devices, self._node_pio_bus, self._node_mmio_bus)
         if self.current is not None:
             self.machine.pio, self.machine.mmio = self.current.pio, self.current.mmio
         self._assign_lines()
 
-    def _take(self, device: str, owner: OsInstance) -> None:
+    def _give(self, device: str, owner: OsInstance) -> None:
+        """Make ``owner`` the only owner of ``device``. A DMA-capable device is reset and
+        confined to the new owner's partition: it must not keep writing into rings the
+        previous owner set up, nor reach into another partition."""
         for instance in self.instances.values():
             instance.devices.discard(device)
         owner.devices.add(device)
+        confine = getattr(self.machine.devices[device].device, "set_dma_window", None)
+        if confine is not None:
+            confine(owner.partition.base, owner.partition.size)
 
     def _assign_lines(self) -> None:
         for name, attachment in self.machine.devices.items():
