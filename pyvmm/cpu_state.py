@@ -13,6 +13,9 @@ interrupt is injected into the restored context.
 
 from __future__ import annotations
 
+import ctypes
+import time
+
 from ioctl import numbers as n
 from ioctl import structs as s
 
@@ -36,6 +39,54 @@ STATE_MSRS = (
     0x1A0,  # MISC_ENABLE
 )
 IRQCHIP_IDS = (n.KVM_IRQCHIP_PIC_MASTER, n.KVM_IRQCHIP_PIC_SLAVE, n.KVM_IRQCHIP_IOAPIC)
+
+# LAPIC registers (byte offsets in kvm_lapic_state.regs) and timer modes.
+APIC_IRR = 0x200
+APIC_LVTT = 0x320
+APIC_TMICT = 0x380
+APIC_TMCCT = 0x390
+APIC_TDCR = 0x3E0
+LVT_MASKED = 1 << 16
+LVT_TIMER_MODE = 3 << 17
+LVT_TIMER_TSC_DEADLINE = 2 << 17
+APIC_BUS_NS = 1  # KVM's LAPIC timer counts at 1 GHz before the divider
+
+
+def _words(lapic: s.kvm_lapic_state) -> ctypes.Array[ctypes.c_uint32]:
+    # A c_char array field reads as a bytes copy; this is a writable view instead.
+    return (ctypes.c_uint32 * 256).from_buffer(lapic)
+
+
+def lapic_reg(lapic: s.kvm_lapic_state, offset: int) -> int:
+    return _words(lapic)[offset // 4]
+
+
+def set_lapic_reg(lapic: s.kvm_lapic_state, offset: int, value: int) -> None:
+    _words(lapic)[offset // 4] = value
+
+
+def timer_ns_per_count(lapic: s.kvm_lapic_state) -> int:
+    tdcr = lapic_reg(lapic, APIC_TDCR)
+    return APIC_BUS_NS << ((((tdcr & 3) | ((tdcr & 8) >> 1)) + 1) & 7)
+
+
+def advance_lapic_timer(lapic: s.kvm_lapic_state, elapsed_ns: int) -> None:
+    """Let a one-shot or periodic LAPIC timer count down through ``elapsed_ns``.
+
+    A saved LAPIC holds the timer's current count; restored as is, the timer would
+    stand still while its instance was switched out, though the TSC went on. Guests
+    calibrate one against the other, so that is not transparent. An overdue timer
+    fires at once (missed periodic ticks coalesce into one, as for a descheduled
+    CPU). TSC-deadline timers are absolute and need nothing.
+    """
+    # A masked timer still counts (guests calibrate with one), only its interrupt is off.
+    if lapic_reg(lapic, APIC_LVTT) & LVT_TIMER_MODE == LVT_TIMER_TSC_DEADLINE:
+        return
+    current = lapic_reg(lapic, APIC_TMCCT)
+    if not current or not lapic_reg(lapic, APIC_TMICT):
+        return
+    counted = elapsed_ns // timer_ns_per_count(lapic)
+    set_lapic_reg(lapic, APIC_TMCCT, max(1, current - counted))
 
 
 def copy_state(state: CpuState) -> CpuState:
@@ -65,6 +116,7 @@ class CpuState:
         "msrs",
         "pit",
         "regs",
+        "saved_ns",
         "sregs",
         "tsc",
         "tsc_deadline",
@@ -84,6 +136,7 @@ class CpuState:
         self.msrs: dict[int, int] = {}
         self.tsc_deadline = 0
         self.tsc = 0  # guest TSC when saved: read only, to know when its timer is due
+        self.saved_ns = 0  # host monotonic time of the save
         self.irqchips = [s.kvm_irqchip(chip_id=chip) for chip in IRQCHIP_IDS]
         self.pit = s.kvm_pit_state2()
 
@@ -116,6 +169,7 @@ class StateSwitcher:
         for chip in state.irqchips:
             vm.get_irqchip(chip.chip_id, chip)
         vm.get_pit2(state.pit)
+        state.saved_ns = time.monotonic_ns()
 
     def restore(self, state: CpuState) -> None:
         vcpu, vm = self.vcpu, self.vm
@@ -129,6 +183,9 @@ class StateSwitcher:
         if state.msrs:
             vcpu.set_msrs(state.msrs)
         vcpu.set_mp_state(state.mp_state)
+        if state.saved_ns:
+            advance_lapic_timer(state.lapic, time.monotonic_ns() - state.saved_ns)
+            state.saved_ns = 0  # advanced once: a second restore must not advance again
         vcpu.set_lapic(state.lapic)
         if self.has_tsc_deadline:
             vcpu.set_msrs({MSR_IA32_TSC_DEADLINE: state.tsc_deadline})

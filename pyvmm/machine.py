@@ -489,25 +489,35 @@ def format_registers(regs: s.kvm_regs, sregs: s.kvm_sregs) -> str:
 
 
 class Console:
-    """Where a UART's output goes (stdout by default), optionally labelled per line so
-    that two instances' consoles can share a terminal."""
+    """Where a UART's output goes (stdout by default).
+
+    While two instances share a terminal, both consoles are in line mode: they write
+    whole lines only, so output cannot interleave mid-line, and a labelled console
+    prefixes each line with its instance's name.
+    """
 
     def __init__(self, write: Callable[[bytes], None] | None = None) -> None:
         self._write = write or write_stdout
         self.label = b""
-        self._line_start = True
+        self.line_mode = False
+        self._pending = bytearray()
 
     def __call__(self, data: bytes) -> None:
-        if not self.label:
+        if not self.line_mode and not self.label:
             self._write(data)
             return
-        out = bytearray()
-        for line in data.splitlines(keepends=True):
-            if self._line_start:
-                out += self.label
-            out += line
-            self._line_start = line.endswith(b"\n")
-        self._write(bytes(out))
+        self._pending += data
+        if b"\n" not in data:
+            return
+        complete, _, rest = bytes(self._pending).rpartition(b"\n")
+        self._pending = bytearray(rest)
+        self._write(b"".join(self.label + line + b"\n" for line in complete.split(b"\n")))
+
+    def flush(self) -> None:
+        """Write a partial line held back in line mode."""
+        if self._pending:
+            pending, self._pending = bytes(self._pending), bytearray()
+            self._write(self.label + pending)
 
 
 def write_stdout(data: bytes) -> None:

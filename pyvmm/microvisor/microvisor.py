@@ -208,6 +208,9 @@ class Microvisor:
             self.router.detach()
         self.machine.pio, self.machine.mmio = self._node_pio_bus, self._node_mmio_bus
         self._alarm.set(None)
+        for console in self.machine.consoles.values():
+            console.line_mode = False
+            console.flush()
         self.mode = DEVIRTUALIZED
         self.machine.hand_over()
 
@@ -215,9 +218,10 @@ class Microvisor:
         for device in devices:
             self._give(device, instance)
         self.instances[instance.name] = instance
-        label = f"[{instance.name}] ".encode()
-        console = "com2" if instance.partition.index == 1 else "com1"
-        self.machine.consoles[console].label = label
+        console = f"com{instance.partition.index + 1}"
+        self.machine.consoles[console].label = f"[{instance.name}] ".encode()
+        for shared in self.machine.consoles.values():
+            shared.line_mode = True
         build_views(instance, self.machine.devices, self._node_pio_bus, self._node_mmio_bus)
         self._assign_lines()
         self.machine.hand_over()  # let the scheduler consider the newcomer now

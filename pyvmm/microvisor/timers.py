@@ -7,42 +7,37 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..cpu_state import CpuState
-
-APIC_LVTT = 0x320
-APIC_TMICT = 0x380
-APIC_TMCCT = 0x390
-APIC_TDCR = 0x3E0
-APIC_IRR = 0x200
-LVT_MASKED = 1 << 16
-LVT_TIMER_TSC_DEADLINE = 2 << 17
-LVT_TIMER_MODE = 3 << 17
-APIC_BUS_NS = 1  # KVM's LAPIC timer counts at 1 GHz
-
-
-def _reg(cpu: CpuState, offset: int) -> int:
-    return int.from_bytes(cpu.lapic.regs[offset : offset + 4], "little")
+from ..cpu_state import (
+    APIC_IRR,
+    APIC_LVTT,
+    APIC_TMCCT,
+    APIC_TMICT,
+    LVT_MASKED,
+    LVT_TIMER_MODE,
+    LVT_TIMER_TSC_DEADLINE,
+    CpuState,
+    lapic_reg,
+    timer_ns_per_count,
+)
 
 
 def interrupt_pending(cpu: CpuState) -> bool:
     """An interrupt is already requested in the saved LAPIC (IRR)."""
-    return any(_reg(cpu, APIC_IRR + 0x10 * i) for i in range(8))
+    return any(lapic_reg(cpu.lapic, APIC_IRR + 0x10 * i) for i in range(8))
 
 
 def timer_due_in(cpu: CpuState, tsc_khz: int) -> float | None:
     """Seconds until the saved LAPIC timer fires, or None if it is not armed."""
-    lvtt = _reg(cpu, APIC_LVTT)
+    lvtt = lapic_reg(cpu.lapic, APIC_LVTT)
     if lvtt & LVT_MASKED:
         return None
     if lvtt & LVT_TIMER_MODE == LVT_TIMER_TSC_DEADLINE:
         if not cpu.tsc_deadline or not tsc_khz:
             return None
         return max(0, cpu.tsc_deadline - cpu.tsc) / (tsc_khz * 1000.0)
-    if not _reg(cpu, APIC_TMICT):
+    if not lapic_reg(cpu.lapic, APIC_TMICT):
         return None
-    tdcr = _reg(cpu, APIC_TDCR)
-    divide = 1 << ((((tdcr & 3) | ((tdcr & 8) >> 1)) + 1) & 7)
-    return _reg(cpu, APIC_TMCCT) * divide * APIC_BUS_NS / 1e9
+    return lapic_reg(cpu.lapic, APIC_TMCCT) * timer_ns_per_count(cpu.lapic) / 1e9
 
 
 class Alarm:
