@@ -8,6 +8,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from pyvmm import reference
+
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "guest_kernels" / "build"
 
@@ -22,29 +24,9 @@ def pyvmm_command() -> list[str]:
 
 
 def qemu_microvm_command(kernel: Path, cmdline: str, mem: str = "256M") -> list[str]:
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
+    if shutil.which("qemu-system-x86_64") is None:
         sys.exit("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    return [
-        qemu,
-        "-M",
-        "microvm",
-        "-accel",
-        "kvm",
-        "-m",
-        mem,
-        "-nodefaults",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-kernel",
-        str(kernel),
-        "-append",
-        cmdline,
-    ]
+    return reference.qemu_microvm_command(str(kernel), cmdline, mem)
 
 
 def summary(samples: list[float]) -> dict[str, float]:

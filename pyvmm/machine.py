@@ -454,24 +454,7 @@ def read_kernel_file(path: str, limit: int) -> bytes:
 
 
 def format_registers(regs: s.kvm_regs, sregs: s.kvm_sregs) -> str:
-    names = [
-        "rax",
-        "rbx",
-        "rcx",
-        "rdx",
-        "rsi",
-        "rdi",
-        "rsp",
-        "rbp",
-        "r8",
-        "r9",
-        "r10",
-        "r11",
-        "r12",
-        "r13",
-        "r14",
-        "r15",
-    ]
+    names = [name for name, _ in s.kvm_regs._fields_[:16]]  # rax ... r15
     lines = []
     for i in range(0, len(names), 4):
         lines.append("  ".join(f"{r:>3}={getattr(regs, r):016x}" for r in names[i : i + 4]))

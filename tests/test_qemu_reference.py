@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 from harness import run_pyvmm
 
+from pyvmm.reference import qemu_microvm_command, qemu_status
+
 pytestmark = [pytest.mark.qemu, pytest.mark.kvm]
 
 
 def qemu_boot(kernel: str, cmdline: str) -> subprocess.CompletedProcess[bytes]:
-    command = [
-        shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
-        "-M",
-        "microvm",
-        "-accel",
-        "kvm",
-        "-m",
-        "256M",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-kernel",
-        kernel,
-        "-append",
-        cmdline,
-    ]
+    command = qemu_microvm_command(kernel, cmdline)
     return subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
 
 
@@ -44,7 +26,7 @@ def test_hello_says_the_same_under_qemu_and_pyvmm(kernels):
     cmdline = "console=ttyS0 from=test tsc_khz=1000000"  # given, so pyvmm adds nothing
     qemu = qemu_boot(kernel, cmdline)
     # isa-debug-exit: QEMU exits with (code << 1) | 1, so the guest's exit(0) is 1.
-    assert qemu.returncode == 1, qemu.stderr.decode()
+    assert qemu.returncode == qemu_status(0), qemu.stderr.decode()
     status, out, err = run_pyvmm(["boot", kernel, "--cmdline", cmdline, "--timeout", "20"])
     assert status == 0, err
     under_qemu, under_pyvmm = hello_lines(qemu.stdout.decode()), hello_lines(out)
@@ -59,7 +41,7 @@ def test_hello_says_the_same_under_qemu_and_pyvmm(kernels):
 
 def test_hello32_boots_under_qemu(kernels):
     qemu = qemu_boot(str(kernels / "hello32.elf"), "console=ttyS0")
-    assert qemu.returncode == 1, qemu.stderr.decode()
+    assert qemu.returncode == qemu_status(0), qemu.stderr.decode()
     assert "hello32: Hello from hello32.elf, a 32-bit PVH guest kernel" in qemu.stdout.decode()
 
 
@@ -75,5 +57,5 @@ def test_kernel_relocates_itself_when_qemu_loads_it_elsewhere(kernels, tmp_path)
         check=True,
     )
     qemu = qemu_boot(str(shifted), "console=ttyS0")
-    assert qemu.returncode == 1, qemu.stderr.decode()
+    assert qemu.returncode == qemu_status(0), qemu.stderr.decode()
     assert "hello: load_base=0x0000000001200000" in qemu.stdout.decode()
