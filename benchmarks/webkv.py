@@ -49,7 +49,16 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
 
 
 def wrk(port: int, path: str, seconds: float, connections: int, script: str | None) -> dict:
-    command = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--latency"]
+    command = [
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, round(seconds))}s",
+        "--latency",
+    ]
     if script:
         command += ["-s", script]
     done = subprocess.run(

@@ -109,6 +109,7 @@ class Virtqueue:
             self._desc: memoryview | None = None
             self._avail: memoryview | None = None
             self._used: memoryview | None = None
+            self._used_idx_word: memoryview | None = None
 
     # --- configuration (transport) ---------------------------------------------------
 
@@ -142,6 +143,9 @@ class Virtqueue:
             self._desc = self.memory.view(self.desc_addr, desc)
             self._avail = self.memory.view(self.driver_addr, avail)
             self._used = self.memory.view(self.device_addr, used)
+            # used.idx as a u16 element: one 16-bit store. struct.pack_into clears the
+            # bytes before writing them, and a polling driver can read that 0.
+            self._used_idx_word = self._used[:4].cast("H")
             self._last_avail = 0
             self._used_idx = 0
             self.ready = True
@@ -150,7 +154,7 @@ class Virtqueue:
     def disable(self) -> None:
         with self._lock:
             self.ready = False
-            self._desc = self._avail = self._used = None
+            self._desc = self._avail = self._used = self._used_idx_word = None
 
     # --- device side -----------------------------------------------------------------
 
@@ -185,7 +189,7 @@ class Virtqueue:
             slot = self._used_idx % self.size
             _USED_ELEM.pack_into(used, 4 + 8 * slot, head, length)
             self._used_idx = (self._used_idx + 1) & 0xFFFF
-            _U16.pack_into(used, 2, self._used_idx)  # after the entry (TSO keeps the order)
+            self._used_idx_word[1] = self._used_idx  # after the entry (TSO keeps the order)
 
     def wants_interrupt(self) -> bool:
         """Whether the driver asked to be interrupted (VIRTQ_AVAIL_F_NO_INTERRUPT clear)."""

@@ -1,0 +1,197 @@
+/*
+ * webkv's CPL3 program: start-up, roles and the event loop.
+ *
+ * One loop over the vsock device and the disk: take what the devices returned,
+ * answer requests, start the next log batch, send, and sleep in
+ * SYS_wait_interrupt when nothing is ready (interrupts are suppressed on the
+ * queues while the loop is busy and re-enabled, with a re-check, before it
+ * sleeps).  A 4 Hz timer runs only while connections exist, for time-outs.
+ */
+#include "webkv.h"
+
+#define RELEASE_WAIT_NS		(2ULL * 1000000000)	/* for the host to close port-80 streams */
+#define TIMER_OFF_AFTER_NS	(2ULL * 1000000000)
+
+struct vsock vs;
+const char *instance_name = "webkv";
+enum role role = ROLE_STANDBY;
+int serving;
+uint64_t start_ns, now_ns;
+uint64_t pending_irqs;			/* IRQ bits seen but not yet handled */
+
+static int releasing;
+static uint64_t release_deadline;
+static int timer_on;
+static uint64_t timer_idle_since, last_tick;
+
+uint64_t uptime_ms(void)
+{
+	return (uclock_ns() - start_ns) / NS_PER_MS;
+}
+
+static unsigned port_streams(uint32_t port)
+{
+	unsigned n = 0;
+
+	for (unsigned i = 0; i < VS_MAX_CONNS; i++)
+		if (vs.conns[i].state != VS_FREE && vs.conns[i].local_port == port)
+			n++;
+	return n;
+}
+
+/* ---- release / acquire ---- */
+
+int begin_release(void)
+{
+	if (!serving && !releasing)
+		return 1;
+	if (!releasing) {
+		uprintf("webkv: releasing connections=%u\n", http_port_conns());
+		releasing = 1;
+		serving = 0;
+		release_deadline = now_ns + RELEASE_WAIT_NS;
+		vs_listen_accept(&vs, HTTP_PORT, 0);
+		http_drain();
+	}
+	return 0;
+}
+
+/* Every port-80 request answered and closed, the log idle: let go of the disk. */
+static void check_release(void)
+{
+	if (http_port_conns() || !wal_idle())
+		return;
+	if (port_streams(HTTP_PORT) && now_ns < release_deadline)
+		return;			/* the host is still delivering our last answers */
+	wal_close();
+	releasing = 0;
+	role = ROLE_RELEASED;
+	uprintf("webkv: released keys=%lu\n", (unsigned long)kv_count());
+	agent_reply_all(AGENT_WAIT_RELEASE, "released");
+}
+
+int do_acquire(char *reply, size_t size)
+{
+	const char *why = "unknown";
+
+	if (releasing) {
+		ksnprintf(reply, size, "error releasing");
+		return -1;
+	}
+	if (!serving) {
+		if (wal_open(&why)) {
+			uprintf("webkv: error=%s\n", why);
+			ksnprintf(reply, size, "error %s", why);
+			return -1;
+		}
+		serving = 1;
+		role = ROLE_PRIMARY;
+		vs_listen_accept(&vs, HTTP_PORT, 1);
+		uprintf("webkv: serving keys=%lu\n", (unsigned long)kv_count());
+	}
+	ksnprintf(reply, size, "serving keys=%lu", (unsigned long)kv_count());
+	return 0;
+}
+
+/* ---- the loop ---- */
+
+static void timers(void)
+{
+	int need = http_busy() || vs.timed || releasing;
+
+	if (need) {
+		timer_idle_since = 0;
+		if (!timer_on) {
+			sys_timer(TIMER_HZ);
+			timer_on = 1;
+		}
+	} else if (timer_on) {
+		if (!timer_idle_since)
+			timer_idle_since = now_ns;
+		else if (now_ns - timer_idle_since > TIMER_OFF_AFTER_NS) {
+			sys_timer(0);
+			timer_on = 0;
+		}
+	}
+	if (now_ns - last_tick >= 1000000000ULL / TIMER_HZ) {
+		last_tick = now_ns;
+		http_tick(now_ns);
+		vs_timers(&vs, now_ns);
+	}
+}
+
+static void handle_irqs(void)
+{
+	uint64_t irqs = pending_irqs;
+
+	pending_irqs = 0;
+	if (!irqs)
+		return;
+	if ((irqs >> vs.dev.irq) & 1)
+		vs_interrupt(&vs);
+	if (wal_is_open() && ((irqs >> disk.dev.irq) & 1))
+		wal_interrupt();
+}
+
+static __attribute__((noreturn)) void loop(void)
+{
+	for (;;) {
+		int work;
+
+		now_ns = uclock_ns();
+		handle_irqs();
+		work = vs_poll(&vs, now_ns);
+		work |= wal_poll();
+		http_resume();
+		wal_pump();
+		if (releasing)
+			check_release();
+		vs_flush(&vs, now_ns);
+		http_reap();
+		timers();
+		if (work)
+			continue;
+		/* Sleep unless something arrived while interrupts were off. */
+		work = vs_arm(&vs);
+		work |= wal_arm();
+		if (!work)
+			pending_irqs |= sys_wait_interrupt();
+		vs_disarm(&vs);
+		wal_disarm();
+	}
+}
+
+int umain(void)
+{
+	const char *r = uarg("role"), *name = uarg("name"), *why = NULL;
+	int standby = r && !strcmp(r, "standby");
+
+	start_ns = now_ns = uclock_ns();
+	if (name && *name)
+		instance_name = name;
+	if (r && strcmp(r, "standby") && strcmp(r, "primary"))
+		uprintf("webkv: warning=unknown-role role=%s\n", r);
+	kv_init();
+	http_init();
+	sys_timer(TIMER_HZ);	/* the first use calibrates the LAPIC timer (2 ms): now, not on a request */
+	sys_timer(0);
+	if (vs_init(&vs, &webkv_callbacks)) {
+		uprintf("webkv: error=no-vsock\n");
+		return 1;
+	}
+	vs_listen(&vs, AGENT_PORT, 1);
+	vs_listen(&vs, HTTP_PORT, 0);
+	if (!standby) {
+		if (wal_open(&why)) {
+			uprintf("webkv: error=%s\n", why);
+		} else {
+			serving = 1;
+			role = ROLE_PRIMARY;
+			vs_listen_accept(&vs, HTTP_PORT, 1);
+			uprintf("webkv: serving keys=%lu\n", (unsigned long)kv_count());
+		}
+	}
+	uprintf("webkv: ready version=" VERSION_NAME " role=%s keys=%lu instance=%s cid=%lu\n",
+		role == ROLE_PRIMARY ? "primary" : "standby", (unsigned long)kv_count(), instance_name, vs.cid);
+	loop();
+}

@@ -1,0 +1,244 @@
+"""webkv, the HTTP key-value service kernel, through virtio-vsock and virtio-blk,
+with real clients: curl and Python sockets on a forwarded host port."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import shutil
+import socket
+import subprocess
+import threading
+
+import pytest
+from harness import GuestProcess
+
+pytestmark = pytest.mark.kvm
+DISK_SIZE = 16 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WebKv:
+    def __init__(self, kernels, disk, version: str = "v1") -> None:
+        self.port = free_port()
+        args = [
+            "boot",
+            str(kernels / f"webkv-{version}.elf"),
+            "--disk",
+            str(disk),
+            "--forward",
+            f"127.0.0.1:{self.port}=80",
+            "--mem",
+            "256M",
+            "--cmdline",
+            "console=ttyS0 name=test",
+            "--timeout",
+            "300",
+        ]
+        self.guest = GuestProcess(args)
+        self.guest.expect(r"webkv: ready", timeout=30)
+
+    def conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
+    def request(self, method: str, path: str, body: bytes | None = None):
+        conn = self.conn()
+        try:
+            conn.request(method, path, body=body)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.guest.kill()
+
+
+@pytest.fixture
+def disk(tmp_path):
+    path = tmp_path / "kv.img"
+    with open(path, "wb") as f:
+        f.truncate(DISK_SIZE)
+    return path
+
+
+@pytest.fixture
+def webkv(kernels, disk):
+    service = WebKv(kernels, disk)
+    yield service
+    service.stop()
+
+
+def curl(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", *args], text=True, capture_output=True, timeout=30
+    )
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_put_get_delete_status(webkv):
+    base = f"http://127.0.0.1:{webkv.port}"
+    put = curl(webkv.port, "-X", "PUT", "--data-binary", "hello world", f"{base}/kv/greeting")
+    assert put.stdout.splitlines()[-1] in ("200", "201", "204"), put
+    got = curl(webkv.port, f"{base}/kv/greeting")
+    assert got.stdout.rsplit("\n", 1) == ["hello world", "200"]
+    status = curl(webkv.port, f"{base}/status")
+    body, code = status.stdout.rsplit("\n", 1)
+    info = json.loads(body)
+    assert code == "200" and info["version"] == "v1" and info["keys"] == 1
+    assert info["instance"] == "test"
+    deleted = curl(webkv.port, "-X", "DELETE", f"{base}/kv/greeting")
+    assert deleted.stdout.splitlines()[-1] in ("200", "204")
+    assert curl(webkv.port, f"{base}/kv/greeting").stdout.splitlines()[-1] == "404"
+    assert curl(webkv.port, f"{base}/").stdout.splitlines()[-1] == "200"
+
+
+def test_100_concurrent_keepalive_clients(webkv):
+    errors: list[str] = []
+
+    def client(index: int) -> None:
+        rng = random.Random(index)
+        conn = webkv.conn()
+        mine: dict[str, bytes] = {}
+        try:
+            for step in range(30):
+                key = f"c{index}-k{rng.randrange(8)}"
+                action = rng.random()
+                if action < 0.5:
+                    value = f"{index}:{step}:{rng.random()}".encode()
+                    conn.request("PUT", f"/kv/{key}", body=value)
+                    r = conn.getresponse()
+                    r.read()
+                    if r.status not in (200, 201, 204):
+                        errors.append(f"PUT {key}: {r.status}")
+                    mine[key] = value
+                elif action < 0.8:
+                    conn.request("GET", f"/kv/{key}")
+                    r = conn.getresponse()
+                    body = r.read()
+                    expected = mine.get(key)
+                    if expected is None and r.status != 404:
+                        errors.append(f"GET {key}: {r.status} for a missing key")
+                    if expected is not None and (r.status != 200 or body != expected):
+                        errors.append(f"GET {key}: {r.status} {body!r} != {expected!r}")
+                else:
+                    conn.request("DELETE", f"/kv/{key}")
+                    r = conn.getresponse()
+                    r.read()
+                    if (key in mine) != (r.status in (200, 204)):
+                        errors.append(f"DELETE {key}: {r.status}")
+                    mine.pop(key, None)
+        except Exception as exc:
+            errors.append(f"client {index}: {exc!r}")
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:10]
+
+
+def raw_exchange(port: int, payload: bytes, half_close: bool = False) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(payload)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+                if not half_close and b"\r\n\r\n" in data:
+                    break
+        except TimeoutError:
+            pass
+        return data
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", b"400"),
+        (b"GET /kv/x HTTP/1.1\r\nHost: a\r\n" + b"X-Big: " + b"a" * 20000 + b"\r\n\r\n", b"431"),
+        (b"PUT /kv/big HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n", b"413"),
+        (b"GET /nothing-here HTTP/1.1\r\nHost: a\r\n\r\n", b"404"),
+        (b"POST /kv/x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", b"405"),
+    ],
+)
+def test_malformed_requests_get_errors_and_the_server_stays_sane(webkv, payload, status):
+    reply = raw_exchange(webkv.port, payload)
+    assert reply.split(b" ")[1] == status, reply[:200]
+    assert webkv.request("GET", "/status")[0] == 200
+
+
+def test_half_closed_and_abandoned_connections_do_not_block_others(webkv):
+    partial = socket.create_connection(("127.0.0.1", webkv.port), timeout=10)
+    partial.sendall(b"PUT /kv/slow HTTP/1.1\r\nContent-Length: 100\r\n\r\nonly part")
+    raw_exchange(webkv.port, b"GET /kv/x HTTP/1.1\r\n", half_close=True)
+    assert webkv.request("PUT", "/kv/other", b"fine")[0] in (200, 201, 204)
+    assert webkv.request("GET", "/kv/other") == (200, b"fine")
+    partial.close()
+
+
+def test_state_survives_a_restart(kernels, disk):
+    first = WebKv(kernels, disk)
+    try:
+        for i in range(50):
+            assert first.request("PUT", f"/kv/key{i}", f"value{i}".encode())[0] in (200, 201, 204)
+        assert first.request("DELETE", "/kv/key7")[0] in (200, 204)
+    finally:
+        first.stop()  # killed: only what was flushed before each reply may count
+    second = WebKv(kernels, disk)
+    try:
+        assert second.request("GET", "/kv/key0") == (200, b"value0")
+        assert second.request("GET", "/kv/key49") == (200, b"value49")
+        assert second.request("GET", "/kv/key7")[0] == 404
+        assert json.loads(second.request("GET", "/status")[1])["keys"] == 49
+    finally:
+        second.stop()
+
+
+def test_torn_tail_record_is_ignored(kernels, disk):
+    first = WebKv(kernels, disk)
+    try:
+        first.request("PUT", "/kv/kept", b"safe-and-sound")
+        first.request("PUT", "/kv/torn", b"UNIQUE-TORN-VALUE-0123456789")
+    finally:
+        first.stop()
+    image = bytearray(disk.read_bytes())
+    where = image.find(b"UNIQUE-TORN-VALUE-0123456789")
+    assert where > 0
+    image[where + 10] ^= 0xFF  # the last record no longer matches its checksum
+    disk.write_bytes(bytes(image))
+    second = WebKv(kernels, disk)
+    try:
+        assert second.request("GET", "/kv/kept") == (200, b"safe-and-sound")
+        assert second.request("GET", "/kv/torn")[0] == 404
+        assert second.request("PUT", "/kv/after", b"x")[0] in (200, 201, 204)
+        assert second.request("GET", "/kv/after") == (200, b"x")
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_v2_adds_prefix_listing(kernels, disk, version):
+    service = WebKv(kernels, disk, version)
+    try:
+        for key in ("apple", "apricot", "banana"):
+            service.request("PUT", f"/kv/{key}", b"x")
+        status, body = service.request("GET", "/keys?prefix=ap")
+        if version == "v1":
+            assert status == 404
+        else:
+            assert (status, body.split()) == (200, [b"apple", b"apricot"])
+        assert json.loads(service.request("GET", "/status")[1])["version"] == version
+    finally:
+        service.stop()
