@@ -156,3 +156,61 @@ def move(
     """Give DEVICE to instance NAME."""
     _send("move", as_json, device=device, to=to)
     _say(as_json, f"moved {device} to {to}")
+
+
+@app.command()
+def upgrade(
+    control: Annotated[str, typer.Argument(help="the node's control socket")],
+    to: Annotated[str, typer.Option("--to", help="the new kernel")],
+    cmdline: Annotated[str, typer.Option(help="extra command-line words for it")] = "",
+    inject: Annotated[
+        str | None, typer.Option(help="a fault to inject, for tests and demos")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upgrade the running instance online to the kernel given by --to."""
+    import time
+
+    from .control import request
+    from .errors import PyvmmError
+
+    started = time.monotonic()
+
+    def show(update: dict[str, Any]) -> None:
+        if not as_json and update["state"] != "start":
+            elapsed = time.monotonic() - started
+            typer.echo(
+                f"[{elapsed:7.3f}s] {update['phase']:<13} {update['state']:<6} "
+                f"{update['seconds'] * 1000:9.1f} ms",
+                err=True,
+            )
+
+    arguments: dict[str, Any] = {"kernel": to, "cmdline": cmdline}
+    if inject:
+        arguments["inject"] = inject
+    try:
+        reply = request(control, "upgrade", on_progress=show, **arguments)
+    except PyvmmError as exc:
+        typer.echo(f"pyvmm: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(reply))
+    if not reply.get("ok"):
+        if not as_json:
+            typer.echo(f"pyvmm: error: {reply.get('error')}", err=True)
+        raise typer.Exit(1)
+    report = reply["result"]
+    if not as_json:
+        phases = ", ".join(f"{p['phase']} {p['seconds'] * 1000:.1f} ms" for p in report["phases"])
+        if report["ok"]:
+            typer.echo(
+                f"upgraded {report['before']} -> {report['after']} in "
+                f"{report['total_s'] * 1000:.0f} ms ({phases})"
+            )
+        else:
+            typer.echo(
+                f"rolled back: {report['failed_phase']}: {report['reason']}; still "
+                f"{report['before']} ({phases})"
+            )
+    if not report["ok"]:
+        raise typer.Exit(3)

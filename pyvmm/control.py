@@ -34,7 +34,9 @@ def _text(request: dict[str, Any], key: str, default: str | None = None) -> str:
     return value
 
 
-def _operations(mv: Microvisor) -> dict[str, Callable[[dict[str, Any]], object]]:
+def _operations(
+    mv: Microvisor, services: Any = None, progress: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Callable[[dict[str, Any]], object]]:
     def start(r: dict[str, Any]) -> object:
         devices = r.get("devices", [])
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
@@ -47,7 +49,28 @@ def _operations(mv: Microvisor) -> dict[str, Callable[[dict[str, Any]], object]]
         )
         return instance.describe()
 
+    def upgrade(r: dict[str, Any]) -> object:
+        from .microvisor.maintenance import Upgrade
+
+        if services is None:
+            raise RequestError("this node has no service devices to hand over")
+        inject = r.get("inject")
+        if inject is not None and not isinstance(inject, str):
+            raise RequestError("'inject' must be a string")
+
+        def report(phase: str, state: str, seconds: float) -> None:
+            if progress is not None:
+                progress({"phase": phase, "state": state, "seconds": round(seconds, 4)})
+
+        cmdline = r.get("cmdline", "")
+        if not isinstance(cmdline, str):
+            raise RequestError("'cmdline' must be a string")
+        return Upgrade(
+            mv, services, _text(r, "kernel"), cmdline, inject=inject, progress=report
+        ).run()
+
     return {
+        "upgrade": upgrade,
         "status": lambda r: mv.status(),
         "virtualize": lambda r: mv.virtualize(),
         "devirtualize": lambda r: mv.devirtualize(),
@@ -57,14 +80,20 @@ def _operations(mv: Microvisor) -> dict[str, Callable[[dict[str, Any]], object]]
     }
 
 
-def handle(mv: Microvisor, line: bytes) -> dict[str, Any]:
-    """One request line → one reply object. Never raises."""
+def handle(
+    mv: Microvisor,
+    line: bytes,
+    services: Any = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """One request line → one reply object. Never raises. Long requests (upgrade) may
+    report progress objects through ``progress`` before the reply."""
     try:
         request = json.loads(line)
         if not isinstance(request, dict):
             raise RequestError("a request is a JSON object")
         op = request.get("op")
-        operations = _operations(mv)
+        operations = _operations(mv, services, progress)
         if op not in operations:
             raise RequestError(f"unknown op {op!r}; one of {', '.join(sorted(operations))}")
         return {"ok": True, "result": operations[op](request)}
@@ -77,9 +106,10 @@ def handle(mv: Microvisor, line: bytes) -> dict[str, Any]:
 
 
 class ControlServer:
-    def __init__(self, path: str, microvisor: Microvisor) -> None:
+    def __init__(self, path: str, microvisor: Microvisor, services: Any = None) -> None:
         self.path = path
         self.microvisor = microvisor
+        self.services = services
         _remove_stale_socket(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
@@ -111,7 +141,11 @@ class ControlServer:
                     reply = {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
                     conn.sendall(json.dumps(reply).encode() + b"\n")
                     return
-                reply = handle(self.microvisor, line)
+
+                def progress(update: dict[str, Any]) -> None:
+                    conn.sendall(json.dumps({"progress": update}).encode() + b"\n")
+
+                reply = handle(self.microvisor, line, self.services, progress)
                 try:
                     conn.sendall(json.dumps(reply).encode() + b"\n")
                 except OSError:
@@ -144,19 +178,29 @@ def _remove_stale_socket(path: str) -> None:
     raise PyvmmError(f"{path} is in use by another running node")
 
 
-def request(path: str, op: str, **arguments: object) -> dict[str, Any]:
-    """Send one request to a node's control socket and return its reply."""
+def request(
+    path: str,
+    op: str,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    **arguments: object,
+) -> dict[str, Any]:
+    """Send one request to a node's control socket and return its reply; progress
+    lines that come first go to ``on_progress``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(CLIENT_TIMEOUT_S)
+        sock.settimeout(CLIENT_TIMEOUT_S * 4)
         try:
             sock.connect(path)
         except OSError as exc:
             raise PyvmmError(f"cannot reach the node at {path}: {exc.strerror}") from None
         sock.sendall(json.dumps({"op": op, **arguments}).encode() + b"\n")
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise PyvmmError(f"the node at {path} closed the connection")
-            reply += chunk
-    return json.loads(reply)
+        with sock.makefile("rb") as reader:
+            while True:
+                line = reader.readline()
+                if not line:
+                    raise PyvmmError(f"the node at {path} closed the connection")
+                message = json.loads(line)
+                if "progress" in message and "ok" not in message:
+                    if on_progress is not None:
+                        on_progress(message["progress"])
+                    continue
+                return message

@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .machine import Machine, RunResult
+    from .node import ServiceDevices
+
 # option → (parameter name, converter, default); mirrored by cli.boot's signature.
 BOOT_OPTIONS: dict[str, tuple[str, type, object]] = {
     "--mem": ("mem", str, "256M"),
@@ -103,7 +108,7 @@ def run_boot(
                 forwards = tuple(parse_forward(f) for f in forward or ())
                 services = add_service_devices(machine, disk, forwards)
             if control:
-                result = _run_armed(machine, kernel, cmdline, timeout, control)
+                result = _run_armed(machine, kernel, cmdline, timeout, control, services)
             else:
                 machine.boot(kernel, cmdline)
                 start_stdin_feeder(machine.com1)
@@ -123,7 +128,14 @@ def run_boot(
     return result.status
 
 
-def _run_armed(machine, kernel: str, cmdline: str, timeout: float | None, control: str):
+def _run_armed(
+    machine: Machine,
+    kernel: str,
+    cmdline: str,
+    timeout: float | None,
+    control: str,
+    services: ServiceDevices | None,
+) -> RunResult:
     from .control import ControlServer
     from .machine import start_stdin_feeder
     from .microvisor import Microvisor
@@ -131,7 +143,7 @@ def _run_armed(machine, kernel: str, cmdline: str, timeout: float | None, contro
     microvisor = Microvisor(machine)
     microvisor.boot(kernel, cmdline)
     start_stdin_feeder(machine.com1)
-    server = ControlServer(control, microvisor)
+    server = ControlServer(control, microvisor, services)
     try:
         return microvisor.run(timeout)
     finally:

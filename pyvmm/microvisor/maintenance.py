@@ -1,0 +1,279 @@
+"""Online upgrade: the maintenance protocol of DESIGN.md §6 as a state machine.
+
+Phases, each with a time-out: preflight → virtualize → boot → ready → release →
+move → acquire → retire → devirtualize. A failure before ``retire`` rolls back: the
+service goes back to the old instance A, the new instance B is stopped, and the
+node is devirtualized with A. Nothing acknowledged is lost: A flushes its log before
+it reports ``released``, and B recovers that log before it reports ``serving``.
+
+The instances' maintenance agents speak a line protocol on vsock port 7000
+(``ready?`` / ``release`` / ``acquire``), reached through a host listener on the
+instance's own vsock device, like any other client: no hypervisor interface.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from ..boot.image_cache import parse_kernel_cached
+from ..boot.layout import place
+from ..errors import PyvmmError
+from ..machine import read_kernel_file
+from ..node import ServiceDevices
+from .instance import OsInstance
+from .microvisor import VIRTUALIZED, Microvisor, MicrovisorError
+
+AGENT_PORT = 7000
+PHASES = (
+    "preflight",
+    "virtualize",
+    "boot",
+    "ready",
+    "release",
+    "move",
+    "acquire",
+    "retire",
+    "devirtualize",
+)
+DEFAULT_TIMEOUTS = {"boot": 10.0, "ready": 20.0, "release": 10.0, "acquire": 20.0}
+FAULTS = ("boot-fails", "crash-after-ready", "never-serving", "release-refused", "phase-timeout")
+
+
+class UpgradeFailed(Exception):
+    def __init__(self, phase: str, reason: str) -> None:
+        super().__init__(f"{phase}: {reason}")
+        self.phase = phase
+        self.reason = reason
+
+
+class Agent:
+    """A line-protocol connection to one instance's maintenance agent."""
+
+    def __init__(self, services: ServiceDevices, partition: int, timeout: float) -> None:
+        vsock = services.vsocks[partition]
+        self._listener = vsock.forward("127.0.0.1", 0, AGENT_PORT)  # type: ignore[attr-defined]
+        self._sock = socket.create_connection(self._listener.address, timeout=timeout)
+        self._reader = self._sock.makefile("rb")
+
+    def ask(self, command: str, timeout: float) -> str:
+        self._sock.settimeout(timeout)
+        self._sock.sendall(command.encode() + b"\n")
+        line = self._reader.readline(4096)
+        if not line:
+            raise ConnectionError("the agent closed the connection")
+        return line.decode(errors="replace").strip()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
+        self._listener.close()
+
+
+class Upgrade:
+    """One online upgrade of the running instance to ``kernel``."""
+
+    _running = threading.Lock()
+
+    def __init__(
+        self,
+        microvisor: Microvisor,
+        services: ServiceDevices,
+        kernel: str,
+        cmdline: str = "",
+        timeouts: dict[str, float] | None = None,
+        inject: str | None = None,
+        progress: Callable[[str, str, float], None] | None = None,
+    ) -> None:
+        if inject is not None and inject not in FAULTS:
+            raise PyvmmError(f"unknown fault {inject!r}; one of {', '.join(FAULTS)}")
+        self.mv = microvisor
+        self.services = services
+        self.kernel = kernel
+        self.cmdline = cmdline
+        self.timeouts = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
+        if inject == "phase-timeout":
+            self.timeouts["acquire"] = 0.001
+        self.inject = inject
+        self.progress = progress or (lambda phase, state, seconds: None)
+        self.phases: list[dict[str, object]] = []
+        self.versions: dict[str, str] = {}
+
+    # --- driver ------------------------------------------------------------------
+
+    def run(self) -> dict[str, object]:
+        if not Upgrade._running.acquire(blocking=False):
+            raise PyvmmError("an upgrade is already running on this node")
+        started = time.monotonic()
+        try:
+            result = self._run()
+        finally:
+            Upgrade._running.release()
+        result["total_s"] = round(time.monotonic() - started, 4)
+        result["phases"] = self.phases
+        return result
+
+    def _run(self) -> dict[str, object]:
+        self.a = next((i for i in self.mv.live()), None)
+        self.b = None
+        self.agents: dict[str, Agent] = {}
+        self.disk_moved = self.listeners_moved = False
+        try:
+            for phase in PHASES:
+                self._phase(phase, getattr(self, f"_{phase}"))
+            return {
+                "ok": True,
+                "before": self.versions.get("a"),
+                "after": self.versions.get("b"),
+                "instance": self.b.name,
+            }
+        except UpgradeFailed as failure:
+            self._rollback(failure)
+            return {
+                "ok": False,
+                "rolled_back": True,
+                "failed_phase": failure.phase,
+                "reason": failure.reason,
+                "before": self.versions.get("a"),
+                "after": self.versions.get("a"),
+            }
+        finally:
+            for agent in self.agents.values():
+                agent.close()
+
+    def _phase(self, name: str, step: Callable[[], None]) -> None:
+        self.progress(name, "start", 0.0)
+        started = time.monotonic()
+        try:
+            step()
+        except UpgradeFailed:
+            self._record(name, started, "failed")
+            raise
+        except (MicrovisorError, PyvmmError, OSError, TimeoutError, ConnectionError) as exc:
+            self._record(name, started, "failed")
+            raise UpgradeFailed(name, str(exc) or type(exc).__name__) from None
+        self._record(name, started, "done")
+
+    def _record(self, name: str, started: float, state: str) -> None:
+        seconds = time.monotonic() - started
+        self.phases.append({"phase": name, "state": state, "seconds": round(seconds, 4)})
+        self.progress(name, state, seconds)
+
+    # --- phases ------------------------------------------------------------------------
+
+    def _preflight(self) -> None:
+        if self.a is None:
+            raise UpgradeFailed("preflight", "no running instance")
+        if len(self.mv.live()) != 1:
+            raise UpgradeFailed("preflight", "another instance is already running")
+        if self.services.disk is None or self.services.disk not in self.a.devices:
+            raise UpgradeFailed("preflight", "the running instance owns no disk to hand over")
+        spare = self.mv._spare_partition()
+        data = read_kernel_file(self.kernel, spare.size)
+        place(parse_kernel_cached(data, os.path.basename(self.kernel)), spare)
+        if len(self.services.vsocks) <= spare.index:
+            raise UpgradeFailed("preflight", f"partition {spare.index} has no vsock device")
+        self.spare = spare
+        self.agents["a"] = Agent(self.services, self.a.partition.index, 5.0)
+        self.versions["a"] = self._version(self.agents["a"], 5.0)
+
+    def _virtualize(self) -> None:
+        if self.mv.mode != VIRTUALIZED:
+            self.mv.virtualize()
+
+    def _boot(self) -> None:
+        name = "b" if self.a.name != "b" else "a"
+        kernel = self.kernel
+        if self.inject == "boot-fails":
+            kernel = os.devnull  # an image that does not parse: start must refuse it
+        console = f"console=ttyS{self.spare.index}"
+        cmdline = f"{console} role=standby name={name} {self.cmdline}".strip()
+        # The name of a retired instance can be reused.
+        self.b = self.mv.start(kernel, cmdline, name=name)
+
+    def _ready(self) -> None:
+        deadline = time.monotonic() + self.timeouts["ready"]
+        while True:
+            self._check_alive(self.b, "ready")
+            try:
+                agent = Agent(self.services, self.b.partition.index, 1.0)
+                self.versions["b"] = self._version(agent, 1.0)
+                self.agents["b"] = agent
+                break
+            except (OSError, ConnectionError, UpgradeFailed):
+                if time.monotonic() > deadline:
+                    raise UpgradeFailed("ready", "the new instance never reported ready") from None
+                time.sleep(0.05)
+        if self.inject == "crash-after-ready":
+            self.mv.stop(self.b.name)  # as if it had crashed: it is gone, the service is not
+
+    def _release(self) -> None:
+        self._check_alive(self.b, "release")
+        for listener in self.services.listeners:
+            listener.detach()  # new connections wait in the listen queue from here on
+        self.listeners_moved = True
+        command = "release-refuse-test" if self.inject == "release-refused" else "release"
+        reply = self.agents["a"].ask(command, self.timeouts["release"])
+        if reply != "released":
+            raise UpgradeFailed("release", f"the old instance answered {reply!r}")
+
+    def _move(self) -> None:
+        self._check_alive(self.b, "move")
+        self.mv.move(self.services.disk, self.b.name)
+        self.disk_moved = True
+
+    def _acquire(self) -> None:
+        command = "acquire-never-test" if self.inject == "never-serving" else "acquire"
+        try:
+            reply = self.agents["b"].ask(command, self.timeouts["acquire"])
+        except TimeoutError:
+            raise UpgradeFailed("acquire", "the new instance never reported serving") from None
+        if not reply.startswith("serving"):
+            raise UpgradeFailed("acquire", f"the new instance answered {reply!r}")
+        vsock = self.services.vsocks[self.b.partition.index]
+        for listener in self.services.listeners:
+            listener.attach(vsock)  # waiting connections go to the new instance
+
+    def _retire(self) -> None:
+        self.agents.pop("a").close()
+        self.mv.stop(self.a.name)
+
+    def _devirtualize(self) -> None:
+        self.mv.devirtualize()
+
+    # --- rollback ------------------------------------------------------------------------
+
+    def _rollback(self, failure: UpgradeFailed) -> None:
+        self.progress("rollback", "start", 0.0)
+        started = time.monotonic()
+        if self.b is not None and self.b.live:
+            self.mv.stop(self.b.name)
+        if self.disk_moved:
+            self.mv.move(self.services.disk, self.a.name)
+        if self.listeners_moved:
+            # The full time-out even when the failure was a (possibly injected) time-out.
+            reply = self.agents["a"].ask("acquire", DEFAULT_TIMEOUTS["acquire"])
+            if not reply.startswith("serving"):
+                raise PyvmmError(f"rollback: the old instance answered {reply!r} to acquire")
+            vsock = self.services.vsocks[self.a.partition.index]
+            for listener in self.services.listeners:
+                listener.attach(vsock)
+        if self.mv.mode == VIRTUALIZED:
+            self.mv.devirtualize()
+        self._record("rollback", started, "done")
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _check_alive(self, instance: OsInstance | None, phase: str) -> None:
+        if instance is None or not instance.live:
+            raise UpgradeFailed(phase, "the new instance is gone (crashed or powered off)")
+
+    @staticmethod
+    def _version(agent: Agent, timeout: float) -> str:
+        reply = agent.ask("ready?", timeout)
+        if not reply.startswith("ready "):
+            raise UpgradeFailed("ready", f"unexpected agent reply {reply!r}")
+        return reply.split()[1]
