@@ -67,12 +67,19 @@ def ctl_callback(path: Annotated[str, typer.Argument(help="the node's control so
     _Target.path = path
 
 
-def _send(op: str, as_json: bool, **arguments: Any) -> dict[str, Any]:
+def _send(
+    op: str,
+    as_json: bool,
+    path: str | None = None,
+    on_progress: Any = None,
+    **arguments: Any,
+) -> dict[str, Any]:
+    """One control request; errors become one line on stderr and exit status 1."""
     from .control import request
     from .errors import PyvmmError
 
     try:
-        reply = request(_Target.path, op, **arguments)
+        reply = request(path or _Target.path, op, on_progress=on_progress, **arguments)
     except PyvmmError as exc:
         typer.echo(f"pyvmm: error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -171,9 +178,6 @@ def upgrade(
     """Upgrade the running instance online to the kernel given by --to."""
     import time
 
-    from .control import request
-    from .errors import PyvmmError
-
     started = time.monotonic()
 
     def show(update: dict[str, Any]) -> None:
@@ -188,17 +192,7 @@ def upgrade(
     arguments: dict[str, Any] = {"kernel": to, "cmdline": cmdline}
     if inject:
         arguments["inject"] = inject
-    try:
-        reply = request(control, "upgrade", on_progress=show, **arguments)
-    except PyvmmError as exc:
-        typer.echo(f"pyvmm: error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if as_json:
-        typer.echo(json.dumps(reply))
-    if not reply.get("ok"):
-        if not as_json:
-            typer.echo(f"pyvmm: error: {reply.get('error')}", err=True)
-        raise typer.Exit(1)
+    reply = _send("upgrade", as_json, path=control, on_progress=show, **arguments)
     report = reply["result"]
     if not as_json:
         phases = ", ".join(f"{p['phase']} {p['seconds'] * 1000:.1f} ms" for p in report["phases"])
