@@ -16,6 +16,7 @@ KERNELS = ROOT / "guest_kernels" / "build"
 REQUIRE = os.environ.get("PYVMM_REQUIRE_KVM") == "1"
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT / "examples"))  # the webkv load generator (kvload)
 
 
 def missing(reason: str) -> None:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from harness import GuestProcess
+from kvload import KvLoad
 
 pytestmark = pytest.mark.kvm
 
@@ -82,73 +83,16 @@ def node(kernels, tmp_path):
     n.guest.kill()
 
 
-class Load:
-    """Keep-alive clients writing unique keys and reading them back. A request on a
-    connection the server closed before answering is retried on a new connection, as
-    HTTP allows for idempotent methods; anything else is a failure."""
-
-    def __init__(self, port: int, clients: int = 8) -> None:
-        self.port = port
-        self.stop = threading.Event()
-        self.acked: dict[str, bytes] = {}
-        self.failures: list[str] = []
-        self.longest_ms = 0.0
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _send(self, conn, method: str, path: str, body: bytes | None):
-        for _ in range(5):
-            try:
-                conn.request(method, path, body=body)
-                r = conn.getresponse()
-                return conn, r.status, r.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        raise ConnectionError(f"{method} {path}: no answer after retries")
-
-    def _client(self, index: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        n = 0
-        while not self.stop.is_set():
-            key, value = f"c{index}-{n}", f"value-{index}-{n}".encode()
-            started = time.monotonic()
-            try:
-                conn, status, _ = self._send(conn, "PUT", f"/kv/{key}", value)
-                if status not in (201, 204):
-                    self.failures.append(f"PUT {key}: {status}")
-                else:
-                    with self.lock:
-                        self.acked[key] = value
-                conn, status, body = self._send(conn, "GET", f"/kv/{key}", None)
-                if (status, body) != (200, value):
-                    self.failures.append(f"GET {key}: {status} {body[:40]!r}")
-            except Exception as exc:
-                self.failures.append(f"client {index}: {exc!r}")
-                return
-            self.longest_ms = max(self.longest_ms, (time.monotonic() - started) * 1000)
-            n += 1
-        conn.close()
-
-    def finish(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
-
-
 def test_upgrade_under_load_loses_nothing(node):
-    load = Load(node.port)
+    load = KvLoad(node.port).start()
     time.sleep(0.5)
     status, report = node.upgrade("v2")
     time.sleep(0.5)
-    load.finish()
+    load.stop()
     assert status == 0 and report["ok"] and report["result"]["after"] == "v2", report
     assert not load.failures, load.failures[:5]
     assert len(load.acked) > 50
-    for key, value in load.acked.items():  # every acknowledged write survived
-        assert node.get(f"/kv/{key}") == (200, value), key
+    assert load.lost_writes() == []  # every acknowledged write survived
     assert json.loads(node.get("/status")[1])["version"] == "v2"
 
 
@@ -157,17 +101,16 @@ def test_upgrade_under_load_loses_nothing(node):
     ["boot-fails", "crash-after-ready", "never-serving", "release-refused", "phase-timeout"],
 )
 def test_every_injected_fault_rolls_back(node, fault):
-    load = Load(node.port, clients=4)
+    load = KvLoad(node.port, clients=4).start()
     time.sleep(0.3)
     status, report = node.upgrade("v2", "--inject", fault)
     time.sleep(0.3)
-    load.finish()
+    load.stop()
     assert status == 3, report
     result = report["result"]
     assert result["rolled_back"] and result["after"] == "v1", result
     assert not load.failures, load.failures[:5]
-    for key, value in list(load.acked.items())[:200]:
-        assert node.get(f"/kv/{key}") == (200, value)
+    assert load.lost_writes() == []
     info = json.loads(node.get("/status")[1])
     assert info["version"] == "v1" and info["role"] == "primary"
 
@@ -199,3 +142,21 @@ def test_a_second_upgrade_at_the_same_time_is_refused(node):
     refused = [r for r in results if r[0] != 0]
     assert len(ok) == 1 and len(refused) == 1
     assert "already running" in refused[0][1]["error"]
+
+
+@pytest.mark.parametrize("script", ["online_upgrade.py", "rollback_demo.py"])
+def test_examples_run_and_report_nothing_lost(kernels, script):
+    from conftest import ROOT
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["failed_requests"] == 0 and report["lost_writes"] == 0
+    assert report["acknowledged_writes"] > 0
+    assert {"max_stall_ms", "p99_ms", "phases"} <= set(report)

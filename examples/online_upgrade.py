@@ -1,0 +1,197 @@
+"""Upgrade a live webkv server from v1 to v2 on one node while clients use it.
+
+    .venv/bin/python examples/online_upgrade.py [--json] [--clients 8] [--png timeline.png]
+
+Boots webkv-v1 with a disk and a forwarded port under an armed pyvmm node, drives
+load with real concurrent HTTP clients, upgrades to v2 with `pyvmm upgrade`, and
+checks every acknowledged write. Prints the client-side report: the longest stall,
+failed requests (must be 0), lost writes (must be 0) and latency per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvload import KvLoad, longest_stall_ms, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "guest_kernels" / "build"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pyvmm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pyvmm", *args]
+
+
+class Node:
+    """An armed pyvmm node running webkv-v1, for the life of a `with` block."""
+
+    def __init__(self, workdir: str) -> None:
+        self.control = f"{workdir}/node.sock"
+        self.port = free_port()
+        disk = Path(workdir) / "kv.img"
+        with open(disk, "wb") as f:
+            f.truncate(64 << 20)
+        self.log = open(Path(workdir) / "console.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            pyvmm(
+                "boot",
+                str(KERNELS / "webkv-v1.elf"),
+                "--disk",
+                str(disk),
+                "--forward",
+                f"127.0.0.1:{self.port}=80",
+                "--control",
+                self.control,
+            ),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"GET /status HTTP/1.1\r\nHost: n\r\n\r\n")
+                    if s.recv(12).startswith(b"HTTP/1.1 200"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit("webkv did not come up")
+
+    def upgrade(self, kernel: str, *extra: str) -> tuple[dict, list[dict]]:
+        """Runs `pyvmm upgrade --json`; returns its report and the phase timeline."""
+        started = time.monotonic()
+        done = subprocess.run(
+            pyvmm("upgrade", self.control, "--to", str(KERNELS / kernel), "--json", *extra),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        reply = json.loads(done.stdout.splitlines()[-1])
+        if not reply.get("ok"):
+            raise SystemExit(f"upgrade request failed: {reply.get('error')}")
+        report = reply["result"]
+        timeline, at = [], started
+        for phase in report["phases"]:
+            timeline.append({**phase, "start": at, "end": at + phase["seconds"]})
+            at += phase["seconds"]
+        return report, timeline
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.log.close()
+
+
+def per_phase(samples, timeline: list[dict]) -> dict[str, dict]:
+    phases = {
+        "before": [s for s in samples if s.end < timeline[0]["start"]],
+        "after": [s for s in samples if s.start > timeline[-1]["end"]],
+    }
+    for phase in timeline:
+        phases[phase["phase"]] = [
+            s for s in samples if s.end >= phase["start"] and s.start <= phase["end"]
+        ]
+    return {name: summarize(group) for name, group in phases.items()}
+
+
+def plot(samples, timeline: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plot]'): no PNG", file=sys.stderr)
+        return
+    t0 = min(s.start for s in samples)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.scatter([s.start - t0 for s in samples], [s.ms for s in samples], s=2)
+    for phase in timeline:
+        ax.axvspan(phase["start"] - t0, phase["end"] - t0, alpha=0.15)
+        ax.text(
+            phase["start"] - t0, ax.get_ylim()[1] * 0.9, phase["phase"], rotation=90, fontsize=7
+        )
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("request latency (ms)")
+    ax.set_title("webkv v1 → v2 online upgrade")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(kernel: str, extra: tuple[str, ...], clients: int, settle: float) -> dict:
+    with tempfile.TemporaryDirectory() as workdir, Node(workdir) as node:
+        load = KvLoad(node.port, clients).start()
+        time.sleep(settle)
+        report, timeline = node.upgrade(kernel, *extra)
+        time.sleep(settle)
+        load.stop()
+        lost = load.lost_writes()
+    return {
+        "upgrade": report,
+        "failed_requests": len(load.failures),
+        "failures": load.failures[:10],
+        "lost_writes": len(lost),
+        "acknowledged_writes": len(load.acked),
+        "retried_requests": load.retries,
+        "max_stall_ms": round(longest_stall_ms(load.samples), 3),
+        "p99_ms": summarize(load.samples)["p99_ms"],
+        "phases": per_phase(load.samples, timeline),
+        "_samples": load.samples,
+        "_timeline": timeline,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--png", help="write a latency timeline with the phases marked")
+    args = parser.parse_args()
+    result = run("webkv-v2.elf", (), args.clients, settle=2.0)
+    if args.png:
+        plot(result["_samples"], result["_timeline"], args.png)
+    report = {k: v for k, v in result.items() if not k.startswith("_")}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        up = report["upgrade"]
+        print(
+            f"upgrade {up['before']} -> {up['after']}: {'ok' if up['ok'] else 'ROLLED BACK'} "
+            f"in {up['total_s'] * 1000:.0f} ms"
+        )
+        print(
+            f"failed requests: {report['failed_requests']}   lost writes: "
+            f"{report['lost_writes']} of {report['acknowledged_writes']} acknowledged   "
+            f"longest stall: {report['max_stall_ms']:.1f} ms   p99: {report['p99_ms']:.2f} ms"
+        )
+        for name, stats in report["phases"].items():
+            print(
+                f"  {name:<13} {stats['requests']:6d} requests  p50 {stats['p50_ms']:7.2f} ms"
+                f"  p99 {stats['p99_ms']:7.2f} ms  max {stats['max_ms']:7.2f} ms"
+            )
+    clean = report["failed_requests"] == 0 and report["lost_writes"] == 0
+    sys.exit(0 if clean and report["upgrade"]["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
