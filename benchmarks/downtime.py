@@ -57,6 +57,7 @@ def main() -> None:
         "acknowledged_writes": len(load.acked),
         "retried_requests": load.retries,
         "max_stall_ms": round(longest_stall_ms(load.samples), 3),
+        "max_stall_during_upgrades_ms": round(max(during, default=0.0), 3),
         "p99_during_upgrades_ms": round(percentile(during, 0.99), 3),
         "p99_overall_ms": round(percentile([s.ms for s in load.samples], 0.99), 3),
         "upgrade_total_ms_median": round(statistics.median(totals), 1),
@@ -64,8 +65,10 @@ def main() -> None:
     }
     report(
         result,
-        f"downtime: {args.upgrades} upgrades under load: max stall {result['max_stall_ms']:.1f} "
-        f"ms (goal <= 10), p99 during upgrades {result['p99_during_upgrades_ms']:.1f} ms, "
+        f"downtime: {args.upgrades} upgrades under load: max stall during upgrades "
+        f"{result['max_stall_during_upgrades_ms']:.1f} ms (goal <= 10; overall "
+        f"{result['max_stall_ms']:.1f} ms), p99 during upgrades "
+        f"{result['p99_during_upgrades_ms']:.1f} ms, "
         f"failed {result['failed_requests']}, lost {result['lost_writes']} of "
         f"{result['acknowledged_writes']} acknowledged; upgrade median "
         f"{result['upgrade_total_ms_median']:.0f} ms",
