@@ -124,16 +124,19 @@ def plot(samples, timeline: list[dict], path: str) -> None:
         print("matplotlib is not installed (pip install -e '.[plot]'): no PNG", file=sys.stderr)
         return
     t0 = min(s.start for s in samples)
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.4))
     ax.scatter([s.start - t0 for s in samples], [s.ms for s in samples], s=2)
-    for phase in timeline:
-        ax.axvspan(phase["start"] - t0, phase["end"] - t0, alpha=0.15)
-        ax.text(
-            phase["start"] - t0, ax.get_ylim()[1] * 0.9, phase["phase"], rotation=90, fontsize=7
-        )
+    span = max(s.end for s in samples) - t0
+    top = max(s.ms for s in samples)
+    for i, phase in enumerate(timeline):
+        ax.axvspan(phase["start"] - t0, phase["end"] - t0, alpha=0.12 + 0.08 * (i % 2))
+        if phase["end"] - phase["start"] > span / 50:  # short phases are named below
+            ax.text(phase["start"] - t0, top * 0.95, phase["phase"], fontsize=8)
     ax.set_xlabel("seconds")
     ax.set_ylabel("request latency (ms)")
-    ax.set_title("webkv v1 → v2 online upgrade")
+    ax.set_title("webkv v1 → v2 online upgrade (shaded: upgrade phases)")
+    names = "  ".join(f"{p['phase']} {p['seconds'] * 1000:.1f} ms" for p in timeline)
+    ax.text(0, -0.22, names, transform=ax.transAxes, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
