@@ -143,7 +143,10 @@ class ControlServer:
                     return
 
                 def progress(update: dict[str, Any]) -> None:
-                    conn.sendall(json.dumps({"progress": update}).encode() + b"\n")
+                    try:
+                        conn.sendall(json.dumps({"progress": update}).encode() + b"\n")
+                    except OSError:
+                        pass  # the client went away: the upgrade itself goes on
 
                 reply = handle(self.microvisor, line, self.services, progress)
                 try:
