@@ -160,3 +160,17 @@ def test_examples_run_and_report_nothing_lost(kernels, script):
     assert report["failed_requests"] == 0 and report["lost_writes"] == 0
     assert report["acknowledged_writes"] > 0
     assert {"max_stall_ms", "p99_ms", "phases"} <= set(report)
+
+
+def test_upgrade_goes_on_when_the_requesting_client_disappears(node):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(node.control)
+        request = {"op": "upgrade", "kernel": str(node.kernels / "webkv-v2.elf")}
+        s.sendall(json.dumps(request).encode() + b"\n")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = json.loads(node.get("/status")[1])
+        if status["version"] == "v2":
+            break
+        time.sleep(0.1)
+    assert status["version"] == "v2" and status["role"] == "primary"
