@@ -95,8 +95,9 @@ def run_boot(
     if timeout is not None and timeout <= 0:
         error("--timeout must be positive")
         return EX_USAGE
+    from .console import start_stdin_feeder
     from .errors import EX_SOFTWARE, PyvmmError
-    from .machine import Machine, start_stdin_feeder
+    from .machine import Machine
 
     partitions = 2 if control else 1
     services = None
@@ -136,8 +137,8 @@ def _run_armed(
     control: str,
     services: ServiceDevices | None,
 ) -> RunResult:
+    from .console import start_stdin_feeder
     from .control import ControlServer
-    from .machine import start_stdin_feeder
     from .microvisor import Microvisor
 
     microvisor = Microvisor(machine)

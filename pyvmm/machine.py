@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import threading
 import time
 from collections import deque
@@ -26,6 +25,7 @@ from ioctl import structs as s
 from .boot import BootResult, EntryState, load_kernel
 from .boot.cpu import SegmentState
 from .boot.image_cache import parse_kernel_cached
+from .console import Console
 from .cpu_state import CpuState, StateSwitcher
 from .devices.bus import Device, MmioBus, PortIoBus
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
@@ -469,64 +469,3 @@ def format_registers(regs: s.kvm_regs, sregs: s.kvm_sregs) -> str:
         f"idt={sregs.idt.base:x}/{sregs.idt.limit:x}"
     )
     return "\n".join(lines)
-
-
-class Console:
-    """Where a UART's output goes (stdout by default).
-
-    While two instances share a terminal, both consoles are in line mode: they write
-    whole lines only, so output cannot interleave mid-line, and a labelled console
-    prefixes each line with its instance's name.
-    """
-
-    def __init__(self, write: Callable[[bytes], None] | None = None) -> None:
-        self._write = write or write_stdout
-        self.label = b""
-        self.line_mode = False
-        self._pending = bytearray()
-
-    def __call__(self, data: bytes) -> None:
-        if not self.line_mode and not self.label:
-            self._write(data)
-            return
-        self._pending += data
-        if b"\n" not in data:
-            return
-        complete, _, rest = bytes(self._pending).rpartition(b"\n")
-        self._pending = bytearray(rest)
-        self._write(b"".join(self.label + line + b"\n" for line in complete.split(b"\n")))
-
-    def flush(self) -> None:
-        """Write a partial line held back in line mode."""
-        if self._pending:
-            pending, self._pending = bytes(self._pending), bytearray()
-            self._write(self.label + pending)
-
-
-def write_stdout(data: bytes) -> None:
-    try:
-        os.write(sys.stdout.fileno(), data)
-    except (BrokenPipeError, OSError):
-        pass  # a closed console must not stop the guest
-
-
-def start_stdin_feeder(uart: Uart16550) -> threading.Thread | None:
-    """Feed this process's standard input to a UART, from a daemon thread."""
-    try:
-        fd = sys.stdin.fileno()
-    except (AttributeError, ValueError, OSError):
-        return None
-
-    def pump() -> None:
-        while not uart.closed:
-            try:
-                data = os.read(fd, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            uart.feed(data)
-
-    thread = threading.Thread(target=pump, name="stdin-feeder", daemon=True)
-    thread.start()
-    return thread
