@@ -65,8 +65,19 @@ def _operations(
         cmdline = r.get("cmdline", "")
         if not isinstance(cmdline, str):
             raise RequestError("'cmdline' must be a string")
+        timeouts = r.get("timeouts", {})
+        if not isinstance(timeouts, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and v > 0 for k, v in timeouts.items()
+        ):
+            raise RequestError("'timeouts' must map phase names to positive seconds")
         return Upgrade(
-            mv, services, _text(r, "kernel"), cmdline, inject=inject, progress=report
+            mv,
+            services,
+            _text(r, "kernel"),
+            cmdline,
+            timeouts=timeouts,
+            inject=inject,
+            progress=report,
         ).run()
 
     return {

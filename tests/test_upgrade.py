@@ -174,3 +174,39 @@ def test_upgrade_goes_on_when_the_requesting_client_disappears(node):
             break
         time.sleep(0.1)
     assert status["version"] == "v2" and status["role"] == "primary"
+
+
+def upgrade_request(node, **request) -> dict:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(120)
+        s.connect(node.control)
+        s.sendall(json.dumps({"op": "upgrade", **request}).encode() + b"\n")
+        with s.makefile("rb") as reader:
+            for line in reader:
+                message = json.loads(line)
+                if "ok" in message:
+                    return message
+    raise AssertionError("no reply")
+
+
+def test_a_kernel_that_never_reports_ready_is_rolled_back(node):
+    # probe.elf boots fine but has no maintenance agent: it never answers ready?.
+    reply = upgrade_request(
+        node, kernel=str(node.kernels / "probe.elf"), cmdline="probe=idle", timeouts={"ready": 2}
+    )
+    result = reply["result"]
+    assert reply["ok"] and result["rolled_back"] and result["failed_phase"] == "ready"
+    status = json.loads(node.get("/status")[1])
+    assert status["version"] == "v1" and status["role"] == "primary"
+
+
+def test_malformed_upgrade_requests_change_nothing(node):
+    for request in (
+        {},
+        {"kernel": 5},
+        {"kernel": "x", "timeouts": {"ready": -1}},
+        {"kernel": "x", "inject": "meteor"},
+    ):
+        reply = upgrade_request(node, **request)
+        assert not reply["ok"] or reply["result"]["failed_phase"] == "preflight", reply
+    assert json.loads(node.get("/status")[1])["version"] == "v1"
