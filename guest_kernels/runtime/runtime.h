@@ -78,20 +78,8 @@ uint8_t serial_read_iir(void);
 void serial_set_ier(uint8_t ier);
 void serial_set_mcr(uint8_t mcr);
 
-/* ---- formatted output: %s %c %d %i %u %x %X %p %%, flags 0 -, width, l ll z ---- */
-__attribute__((format(printf, 1, 2))) int kprintf(const char *fmt, ...);
-__attribute__((format(printf, 3, 4))) int ksnprintf(char *buf, size_t size, const char *fmt, ...);
-int kvsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
-
-/* ---- strings (gcc may also emit calls to memset/memcpy/memmove/memcmp) ---- */
-void *memset(void *d, int c, size_t n);
-void *memcpy(void *d, const void *s, size_t n);
-void *memmove(void *d, const void *s, size_t n);
-int memcmp(const void *a, const void *b, size_t n);
-size_t strlen(const char *s);
-int strcmp(const char *a, const char *b);
-int strncmp(const char *a, const char *b, size_t n);
-char *strchr(const char *s, int c);
+/* ---- formatted output and strings: klib.h ---- */
+#include "klib.h"
 
 /* ---- traps and interrupts ---- */
 struct trap_frame {

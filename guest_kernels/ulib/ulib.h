@@ -85,19 +85,8 @@ size_t uheap_mark(void);
 void uheap_release(size_t mark);	/* free everything allocated since the mark */
 
 /* ---- formatted output (runtime/printf.c compiled for CPL3) ---- */
-__attribute__((format(printf, 1, 2))) int kprintf(const char *fmt, ...);
-__attribute__((format(printf, 3, 4))) int ksnprintf(char *buf, size_t size, const char *fmt, ...);
+#include "klib.h"
 #define uprintf kprintf
 #define usnprintf ksnprintf
-
-/* ---- strings (runtime/string.c compiled for CPL3) ---- */
-void *memset(void *d, int c, size_t n);
-void *memcpy(void *d, const void *s, size_t n);
-void *memmove(void *d, const void *s, size_t n);
-int memcmp(const void *a, const void *b, size_t n);
-size_t strlen(const char *s);
-int strcmp(const char *a, const char *b);
-int strncmp(const char *a, const char *b, size_t n);
-char *strchr(const char *s, int c);
 
 #endif
