@@ -55,7 +55,7 @@ def main() -> None:
         "failed_requests": len(load.failures),
         "lost_writes": len(lost),
         "acknowledged_writes": len(load.acked),
-        "retried_requests": load.retries,
+        "reconnects": load.reconnects,
         "max_stall_ms": round(longest_stall_ms(load.samples), 3),
         "max_stall_during_upgrades_ms": round(max(during, default=0.0), 3),
         "p99_during_upgrades_ms": round(percentile(during, 0.99), 3),

@@ -155,7 +155,7 @@ def run(kernel: str, extra: tuple[str, ...], clients: int, settle: float) -> dic
         "failures": load.failures[:10],
         "lost_writes": len(lost),
         "acknowledged_writes": len(load.acked),
-        "retried_requests": load.retries,
+        "reconnects": load.reconnects,
         "max_stall_ms": round(longest_stall_ms(load.samples), 3),
         "p99_ms": summarize(load.samples)["p99_ms"],
         "phases": per_phase(load.samples, timeline),

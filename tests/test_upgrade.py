@@ -66,6 +66,9 @@ class Node:
         )
         return done.returncode, json.loads(done.stdout.splitlines()[-1])
 
+    def keep_alive(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
     def get(self, path: str) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
@@ -83,6 +86,13 @@ def node(kernels, tmp_path):
     n.guest.kill()
 
 
+def status_on(conn: http.client.HTTPConnection) -> dict:
+    conn.request("GET", "/status")
+    response = conn.getresponse()
+    assert response.status == 200
+    return json.loads(response.read())
+
+
 def test_upgrade_under_load_loses_nothing(node):
     load = KvLoad(node.port).start()
     time.sleep(0.5)
@@ -90,7 +100,8 @@ def test_upgrade_under_load_loses_nothing(node):
     time.sleep(0.5)
     load.stop()
     assert status == 0 and report["ok"] and report["result"]["after"] == "v2", report
-    assert not load.failures, load.failures[:5]
+    assert not load.failures, load.failures[:5]  # no request failed, none was re-sent
+    assert load.reconnects == 0
     assert len(load.acked) > 50
     assert load.lost_writes() == []  # every acknowledged write survived
     assert json.loads(node.get("/status")[1])["version"] == "v2"
@@ -101,6 +112,8 @@ def test_upgrade_under_load_loses_nothing(node):
     ["boot-fails", "crash-after-ready", "never-serving", "release-refused", "phase-timeout"],
 )
 def test_every_injected_fault_rolls_back(node, fault):
+    idle = node.keep_alive()
+    assert status_on(idle)["version"] == "v1"
     load = KvLoad(node.port, clients=4).start()
     time.sleep(0.3)
     status, report = node.upgrade("v2", "--inject", fault)
@@ -110,9 +123,23 @@ def test_every_injected_fault_rolls_back(node, fault):
     result = report["result"]
     assert result["rolled_back"] and result["after"] == "v1", result
     assert not load.failures, load.failures[:5]
+    assert load.reconnects == 0
     assert load.lost_writes() == []
-    info = json.loads(node.get("/status")[1])
+    info = status_on(idle)  # the idle keep-alive connection is served by A again
     assert info["version"] == "v1" and info["role"] == "primary"
+
+
+def test_idle_keep_alive_connection_moves_to_the_new_instance(node):
+    idle = node.keep_alive()
+    before = status_on(idle)
+    assert before["version"] == "v1" and before["instance"] != "b"
+    status, report = node.upgrade("v2")
+    assert status == 0, report
+    after = status_on(idle)  # same TCP connection, now answered by B
+    assert (after["version"], after["instance"], after["role"]) == ("v2", "b", "primary")
+    idle.request("PUT", "/kv/moved", body=b"yes")
+    assert idle.getresponse().status == 201
+    assert node.get("/kv/moved") == (200, b"yes")
 
 
 def test_four_consecutive_upgrades_alternate_partitions(node):

@@ -66,7 +66,8 @@ class GuestVsock:
         self.buf_alloc = buf_alloc
         self.consume_per_tick = consume_per_tick
         self.tick = tick
-        # port → mode: "echo", "sink", "source" or "mute" (never answers a REQUEST)
+        # port → mode: "echo", "sink", "source", "handback" (sends source_data, then
+        # hands the stream back) or "mute" (never answers a REQUEST)
         self.listening: dict[int, str] = dict(listening or {})
         self.source_data = b""
         self.conns: dict[tuple[int, int], GConn] = {}
@@ -170,7 +171,7 @@ class GuestVsock:
                 return
             conn = self.conns[key] = GConn(src_port, dst_port, mode)
             conn.peer_buf_alloc, conn.peer_fwd_cnt = buf, fwd
-            if mode == "source":
+            if mode in ("source", "handback"):
                 conn.out += self.source_data
             self.send(conn, v.OP_RESPONSE)
             return
@@ -218,11 +219,12 @@ class GuestVsock:
                 self.send(conn, v.OP_CREDIT_UPDATE)
             # close like Linux: SHUTDOWN(both) when done, then wait for the host's RST
             done = conn.peer_shut_send and not conn.rx and not conn.out
-            if conn.mode == "source":
+            if conn.mode in ("source", "handback"):
                 done = not conn.out
             if done and not conn.shutdown_sent:
                 conn.shutdown_sent = True
-                self.send(conn, v.OP_SHUTDOWN, v.SHUTDOWN_SEND | v.SHUTDOWN_RCV)
+                both = v.SHUTDOWN_SEND | v.SHUTDOWN_RCV
+                self.send(conn, v.OP_SHUTDOWN, v.SHUTDOWN_RCV if conn.mode == "handback" else both)
 
     def wait(self, predicate, timeout: float = TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -704,6 +706,62 @@ def test_unanswered_requests_move_with_the_listener(nodes):
     assert len(listener.pending) == 1
     listener.attach(b.device)
     assert recv_exactly(sock, 5) == b"moved"
+
+
+def test_handed_back_connection_moves_with_its_unread_request(nodes):
+    a, b = nodes(), nodes()
+    ga = a.boot()
+    ga.listening[PORT] = "echo"
+    gb = b.boot()
+    gb.listening[PORT] = "echo"
+    listener = listen(nodes, a.device)
+    sock = client(listener)
+    sock.sendall(b"one")
+    assert recv_exactly(sock, 3) == b"one"
+    with ga.lock:
+        ga.consume_per_tick = 0  # A stops reading: "two" stays unconsumed in its buffer
+    sock.sendall(b"two")
+    ga.wait(lambda: any(c.rx == b"two" for c in ga.conns.values()))
+    listener.detach()
+    with ga.lock:
+        (conn,) = ga.conns.values()
+        conn.shutdown_sent = True
+        ga.send(conn, v.OP_SHUTDOWN, v.SHUTDOWN_RCV)  # "I will read no more from this client"
+    ga.wait(lambda: ga.resets_seen)  # the host ends A's stream
+    assert [p.replay for p in listener.pending] == [b"two"]
+    assert a.device.connections == 0
+
+    listener.attach(b.device)
+    assert recv_exactly(sock, 3) == b"two"  # served by B, on the same client connection
+    sock.sendall(b"three")
+    assert recv_exactly(sock, 5) == b"three"
+    with gb.lock:
+        assert len(gb.conns) == 1
+
+
+def test_reply_still_in_flight_is_delivered_after_a_hand_back(nodes):
+    a, b = nodes(buf_alloc=16 << 20), nodes()
+    ga = a.boot()
+    ga.source_data = os.urandom(16 << 20)
+    ga.listening[PORT] = "handback"  # sends 16 MiB, then hands the stream back
+    gb = b.boot()
+    gb.listening[PORT] = "echo"
+    listener = listen(nodes, a.device)
+    sock = client(listener)  # does not read yet: most of the reply waits in the host
+    ga.wait(lambda: ga.conns)
+    listener.detach()
+    until(lambda: listener.pending)
+    assert listener.pending[0].reply  # carried over: A's stream is gone
+    assert a.device.connections == 0
+    listener.attach(b.device)
+    assert hashlib.sha256(recv_exactly(sock, 16 << 20)).digest() == (
+        hashlib.sha256(ga.source_data).digest()
+    )
+    sock.sendall(b"after")
+    assert recv_exactly(sock, 5) == b"after"
+    # A's bytes were not counted against B's stream
+    (host_side,) = b.device._conns.values()
+    assert (host_side.rx_cnt, host_side.fwd_cnt) == (5, 5)
 
 
 def test_refusals_are_retried_while_the_new_service_starts(nodes):

@@ -244,8 +244,11 @@ static int pump(struct vsock *vs, struct vs_conn *c, uint64_t now)
 			free_conn(vs, c);
 			return 0;
 		}
-		if (!send_ctl(vs, c->local_port, c->peer_port, VSOCK_OP_SHUTDOWN,
-			      VSOCK_SHUTDOWN_RCV | VSOCK_SHUTDOWN_SEND, c))
+		/* A hand-back shuts only our receive side: the host gives the client
+		 * to the next listener, with the input we leave unconsumed. */
+		uint32_t how = c->closing == VS_HAND_BACK ? VSOCK_SHUTDOWN_RCV
+							  : VSOCK_SHUTDOWN_RCV | VSOCK_SHUTDOWN_SEND;
+		if (!send_ctl(vs, c->local_port, c->peer_port, VSOCK_OP_SHUTDOWN, how, c))
 			return 1;
 		enter_closing(vs, c, now);
 	}
@@ -451,8 +454,9 @@ static void handle_packet(struct vsock *vs, const uint8_t *buf, uint32_t used_le
 		c->rx_cnt += h.len;
 		vs->stats.rx_bytes += h.len;
 		if (c->closing || c->state != VS_ESTABLISHED || (c->peer_shut & VSOCK_SHUTDOWN_SEND)) {
-			c->fwd_cnt += h.len;	/* nobody reads it: consumed */
-			return;
+			if (c->closing != VS_HAND_BACK)
+				c->fwd_cnt += h.len;	/* nobody reads it: consumed */
+			return;			/* handed back: the host replays it elsewhere */
 		}
 		if (rbuf_append(c, buf + HDR, h.len)) {
 			conn_reset(vs, c);	/* out of memory */
@@ -708,10 +712,20 @@ void vs_close(struct vsock *vs, struct vs_conn *c)
 {
 	if (c->closing)
 		return;
-	c->closing = 1;
+	c->closing = VS_CLOSE;
 	c->user = NULL;
 	c->fwd_cnt += c->rend - c->rstart;	/* unread input is dropped */
 	c->rstart = c->rend = 0;
+	mark_dirty(vs, c);
+}
+
+void vs_hand_back(struct vsock *vs, struct vs_conn *c)
+{
+	if (c->closing)
+		return;
+	c->closing = VS_HAND_BACK;
+	c->user = NULL;
+	c->rstart = c->rend = 0;	/* unconsumed input: not counted, so the host keeps it */
 	mark_dirty(vs, c);
 }
 

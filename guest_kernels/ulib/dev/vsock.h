@@ -24,6 +24,13 @@
  * Closing: vs_close() sends what is queued, then SHUTDOWN (both directions) and
  * waits for the peer's RST (VS_CLOSE_TIMEOUT_NS, then RST); the application no
  * longer hears of the connection.  vs_abort() sends RST at once.
+ *
+ * Handing back: vs_hand_back() is vs_close() that shuts down only our receive
+ * side and leaves unread input unconsumed (fwd_cnt stays).  pyvmm's host
+ * forwarder takes that as "this service reads no more from this client": the
+ * client's TCP connection is not closed but offered to the next guest that
+ * listens, which first receives the bytes we never consumed.  Call it at a
+ * request boundary, after the last reply is queued.
  */
 #ifndef ULIB_DEV_VSOCK_H
 #define ULIB_DEV_VSOCK_H
@@ -65,6 +72,7 @@ struct vsock_hdr {
 _Static_assert(sizeof(struct vsock_hdr) == 44, "virtio_vsock_hdr is 44 bytes");
 
 enum { VS_FREE, VS_ESTABLISHED, VS_CLOSING };
+enum { VS_CLOSE = 1, VS_HAND_BACK = 2 };	/* vs_conn.closing */
 
 struct vsock;
 
@@ -166,6 +174,7 @@ uint8_t *vs_send_reserve(struct vs_conn *c, size_t n);
 void vs_send_commit(struct vsock *vs, struct vs_conn *c, size_t n);
 static inline uint32_t vs_unsent(const struct vs_conn *c) { return c->tend - c->tstart; }
 void vs_close(struct vsock *vs, struct vs_conn *c);
+void vs_hand_back(struct vsock *vs, struct vs_conn *c);
 void vs_abort(struct vsock *vs, struct vs_conn *c);
 
 #endif

@@ -6,6 +6,11 @@
  * write-ahead log and blocks its connection (no further parsing) until the batch
  * is flushed, so pipelined responses keep their order and a later GET on the
  * same connection sees the write.  Other requests are answered at once.
+ *
+ * Release (maintenance): every port-80 connection is handed back to the host at
+ * its next request boundary (vs_hand_back), so a keep-alive client is not closed:
+ * the next instance gets the connection with any request we had not started.
+ * A PUT or DELETE already in the log completes and is answered here first.
  */
 #include "webkv.h"
 
@@ -14,7 +19,7 @@ struct hconn {
 	struct vs_conn *vc;		/* NULL once closed or reset */
 	uint8_t agent;			/* port 7000 */
 	uint8_t blocked;		/* a PUT/DELETE is in the log */
-	uint8_t draining;		/* release: answer what is complete, then close */
+	uint8_t draining;		/* release: hand back at the next request boundary */
 	uint8_t paused;			/* too much unsent output */
 	uint8_t sent_continue;
 	uint8_t agent_wait;		/* AGENT_WAIT_*: a reply is due later */
@@ -90,6 +95,13 @@ static void close_conn(struct hconn *hc)
 {
 	if (hc->vc)
 		vs_close(&vs, hc->vc);
+	detach(hc);
+}
+
+static void hand_back_conn(struct hconn *hc)
+{
+	if (hc->vc)
+		vs_hand_back(&vs, hc->vc);
 	detach(hc);
 }
 
@@ -492,7 +504,7 @@ void http_commit_done(struct op *op, int result)
 	hc->blocked = 0;
 	if (!hc->vc)
 		return;			/* http_reap() frees it */
-	int close = !hc->op_keep || hc->draining;
+	int close = !hc->op_keep;
 	const char *text = status == 201 ? "" : status == 404 ? "not found\n" : status == 500 ? "out of memory\n" :
 			   status == 503 ? "disk unavailable\n" : status == 507 ? "store full\n" : "";
 	respond_text(hc, status, text, NULL, close, hc->op_http10, 0);
@@ -731,6 +743,10 @@ static void process(struct hconn *hc)
 		struct req r;
 		int st, keep;
 
+		if (hc->draining) {
+			hand_back_conn(hc);
+			return;
+		}
 		if (vs_unsent(c) > MAX_OUTPUT) {
 			if (!hc->paused) {
 				hc->paused = 1;
@@ -748,7 +764,7 @@ static void process(struct hconn *hc)
 		}
 		if (!n) {
 			hc->req_start = 0;
-			if (eof || hc->draining)
+			if (eof)
 				close_conn(hc);
 			return;
 		}
@@ -758,7 +774,7 @@ static void process(struct hconn *hc)
 		if (!hend) {
 			if (n > MAX_HEADER)
 				error_close(hc, 431);
-			else if (eof || hc->draining)
+			else if (eof)
 				close_conn(hc);
 			return;
 		}
@@ -779,7 +795,7 @@ static void process(struct hconn *hc)
 			return;
 		}
 		if (n < hend + r.cl) {		/* the body is still coming */
-			if (eof || hc->draining) {
+			if (eof) {
 				close_conn(hc);
 				return;
 			}
@@ -790,7 +806,7 @@ static void process(struct hconn *hc)
 			}
 			return;
 		}
-		keep = !hc->draining && !r.conn_close && (!r.http10 || r.conn_keepalive);
+		keep = !r.conn_close && (!r.http10 || r.conn_keepalive);
 		handle(hc, &r, p + hend, (uint32_t)r.cl, keep);
 		if (hc->vc)
 			vs_consume(&vs, hc->vc, hend + (uint32_t)r.cl);

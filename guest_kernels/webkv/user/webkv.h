@@ -128,7 +128,7 @@ void http_tick(uint64_t now);			/* time-outs */
 void http_resume(void);				/* connections paused for output that drained */
 void http_reap(void);				/* free closed connections (end of a loop round) */
 int http_busy(void);				/* connections that need the timer */
-void http_drain(void);				/* release: finish and close port-80 connections */
+void http_drain(void);				/* release: hand port-80 connections back */
 unsigned http_port_conns(void);		/* port-80 connections not yet closed */
 void agent_reply_all(int which, const char *line);
 #define AGENT_WAIT_RELEASE	1

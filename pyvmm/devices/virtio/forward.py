@@ -7,7 +7,17 @@ refused: new connections wait in the kernel's accept backlog, and connections th
 were accepted but not yet answered by the guest (no RESPONSE) come back to the
 listener's ``pending`` list and are offered again to the next device. That is the
 hand-off of a service from one OS instance to another: detach from A's device,
-attach to B's. Established streams stay with the device that carried them.
+attach to B's.
+
+Established streams stay with the device that carried them, unless the guest hands
+one back: a guest that shuts down only the receive side of a forwarded stream
+(vsock SHUTDOWN with RCV alone), having sent all its replies, says "I will read no
+more requests from this client". The device then parks the client's connection
+here with the bytes the guest received but never consumed (its ``fwd_cnt`` tells
+how many) and any reply still on its way to the client, and the next device to
+take the connection replays them first. So a keep-alive client moves from one
+instance to the next without seeing its connection closed, and a request that
+arrived during the hand-off is served by the new instance.
 
 A refusal (RST to our REQUEST) closes the client's connection, unless
 ``retry_refused`` seconds are given: then the request is repeated with back-off for
@@ -25,6 +35,23 @@ if TYPE_CHECKING:
     from .vsock import VirtioVsock
 
 DEFAULT_BACKLOG = 1024
+
+
+class Parked:
+    """A client connection waiting for a guest, with what it carries over."""
+
+    __slots__ = ("eof", "replay", "reply", "sock")
+
+    def __init__(
+        self, sock: socket.socket, replay: bytes = b"", reply: bytes = b"", eof: bool = False
+    ) -> None:
+        self.sock = sock
+        self.replay = replay  # client bytes no guest has consumed yet, oldest first
+        self.reply = reply  # guest bytes not yet written to the client
+        self.eof = eof  # the client has shut down its sending side
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class HostListener:
@@ -49,8 +76,8 @@ class HostListener:
             self.sock.close()
             raise
         self.fd = self.sock.fileno()
-        # Accepted sockets not yet connected to a guest, oldest first.
-        self.pending: deque[socket.socket] = deque()
+        # Accepted connections not (or no longer) connected to a guest, oldest first.
+        self.pending: deque[Parked] = deque()
         self.device: VirtioVsock | None = None
         self._lock = threading.Lock()  # serialises attach/detach
 
@@ -77,11 +104,11 @@ class HostListener:
 
     def close(self) -> None:
         self.detach()
+        self.sock.close()  # first: a device parking a connection from now on closes it
         while self.pending:
             self.pending.popleft().close()
-        self.sock.close()
 
-    def accept(self) -> socket.socket | None:
+    def accept(self) -> Parked | None:
         """The next connection to forward (held ones first), or None."""
         if self.pending:
             return self.pending.popleft()
@@ -91,4 +118,14 @@ class HostListener:
             return None
         except OSError:
             return None  # e.g. ECONNABORTED: the client gave up while queued
-        return sock
+        return Parked(sock)
+
+    def park(self, parked: Parked) -> None:
+        """Hold a connection a device gave back, to be offered to the next one."""
+        if self.sock.fileno() < 0:
+            parked.close()  # the listener is closed: nobody will take it
+        else:
+            self.pending.append(parked)
+            device = self.device
+            if device is not None:
+                device.notify(0)  # wake its loop to offer the connection

@@ -15,9 +15,10 @@ then the rx queue (packets for the guest: control first, then connections
 round-robin), then the epoll interest sets are brought up to date.
 
 Only host-initiated streams exist (from ``HostListener``s); a guest's REQUEST to the
-host is refused with RST. Packets from a wrong CID or with a bad length are dropped;
-protocol violations (RW before RESPONSE, sending beyond the credit we gave) reset
-that stream.
+host is refused with RST. A guest's SHUTDOWN of only its receive side hands the
+client's connection back to its listener (see ``forward``). Packets from a wrong
+CID or with a bad length are dropped; protocol violations (RW before RESPONSE,
+sending beyond the credit we gave) reset that stream.
 """
 
 from __future__ import annotations
@@ -249,16 +250,16 @@ class VirtioVsock(VirtioBackend):
         for _ in range(64):  # bounded, so one busy listener cannot starve the queues
             if len(self._conns) >= self.max_connections:
                 return
-            sock = listener.accept()
-            if sock is None:
+            parked = listener.accept()
+            if parked is None:
                 return
             try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                parked.sock.setblocking(False)
+                parked.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
-                sock.close()
+                parked.close()
                 continue
-            conn = Conn(sock, self._alloc_port(), listener.guest_port, self.buf_alloc, listener)
+            conn = Conn(parked, self._alloc_port(), listener.guest_port, self.buf_alloc, listener)
             conn.first_request = now
             conn.deadline = now + self.connect_timeout
             self._conns[conn.key] = conn
@@ -317,7 +318,15 @@ class VirtioVsock(VirtioBackend):
         """Return a connection the guest never accepted to its listener, to wait."""
         self._forget(conn)
         assert conn.listener is not None
-        conn.listener.pending.appendleft(conn.sock)
+        conn.listener.pending.appendleft(conn.park())
+
+    def _hand_back(self, conn: Conn) -> None:
+        """The guest will read no more from this client: the next guest takes it."""
+        assert conn.listener is not None
+        self._control.append((conn.host_port, conn.guest_port, OP_RST))
+        self._forget(conn)
+        conn.listener.park(conn.park())
+        self._wait_until(0)  # if the listener is ours, offer it again next pass
 
     def _drop_all(self) -> None:
         for conn in reversed(list(self._conns.values())):
@@ -411,8 +420,7 @@ class VirtioVsock(VirtioBackend):
             if op != OP_RST and len(self._control) < MAX_PENDING_REPLIES:
                 self._control.append((dst_port, src_port, OP_RST))
             return
-        conn.peer_buf_alloc = buf_alloc
-        conn.peer_fwd_cnt = fwd
+        conn.peer_credit(buf_alloc, fwd)
         if op == OP_RESPONSE and conn.state == CONNECTING and not conn.request_due:
             conn.state = ESTABLISHED
         elif op == OP_RW and conn.state == ESTABLISHED and not conn.guest_shut_send:
@@ -430,6 +438,9 @@ class VirtioVsock(VirtioBackend):
         elif op == OP_CREDIT_REQUEST:
             conn.credit_requested = True
         elif op == OP_SHUTDOWN and conn.state == ESTABLISHED:
+            if flags == SHUTDOWN_RCV and conn.listener is not None and not conn.guest_shut_send:
+                self._hand_back(conn)
+                return
             conn.guest_shut_send |= bool(flags & SHUTDOWN_SEND)
             if flags & SHUTDOWN_RCV:
                 conn.guest_shut_rcv = True
@@ -520,7 +531,7 @@ class VirtioVsock(VirtioBackend):
             if n > 0:
                 payload = bytes(conn.to_guest[:n])
                 del conn.to_guest[:n]
-                conn.tx_cnt = (conn.tx_cnt + n) & _MASK32
+                conn.sent_to_guest(payload)
             else:
                 op = OP_CREDIT_UPDATE  # a buffer with room for the header only
         elif op == OP_SHUTDOWN:

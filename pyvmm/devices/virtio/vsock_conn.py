@@ -8,9 +8,12 @@ never hold more than ``buf_alloc``, so when the TCP client is slow its send buff
 fills, ``fwd_cnt`` stops moving and the guest runs out of credit.
 
 Host → guest: we may have at most ``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`` bytes
-in flight. The TCP socket is read only when that credit is positive and the last
-read has been handed to the guest, so a slow guest leaves data in the kernel's TCP
-buffers and the client blocks.
+in flight (``peer_buf_alloc`` capped at ``MAX_WINDOW``). The TCP socket is read only
+when that credit is positive and the last read has been handed to the guest, so a
+slow guest leaves data in the kernel's TCP buffers and the client blocks. A copy of
+what is in flight (``unacked``) is kept until the guest's ``fwd_cnt`` says it was
+consumed, so the stream can be handed to another guest (``park``) without losing a
+byte; the cap bounds that copy whatever the guest advertises.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import select
 import socket
 import struct
+
+from .forward import Parked
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -27,20 +32,22 @@ CONNECTING = "connecting"
 ESTABLISHED = "established"
 
 READ_CHUNK = 64 << 10
+MAX_WINDOW = 1 << 20  # the most host → guest bytes in flight per stream
+_MASK32 = 0xFFFF_FFFF
 _LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends RST
 
 
 class Conn:
     def __init__(
         self,
-        sock: socket.socket,
+        parked: Parked,
         host_port: int,
         guest_port: int,
         buf_alloc: int,
         listener: HostListener | None,
     ) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
+        self.sock = parked.sock
+        self.fd = parked.sock.fileno()
         self.host_port = host_port
         self.guest_port = guest_port
         self.buf_alloc = buf_alloc
@@ -51,14 +58,16 @@ class Conn:
         self.request_due = True
         self.attempts = 0  # refused requests repeated so far
         # host → guest
-        self.to_guest = bytearray()
+        self.to_guest = bytearray(parked.replay)
+        self.unacked = bytearray()  # sent to the guest, not yet consumed by it
         self.tx_cnt = 0
         self.peer_buf_alloc = 0
         self.peer_fwd_cnt = 0
-        self.tcp_eof = False
+        self.tcp_eof = parked.eof
         self.sent_shutdown = False
         # guest → host
-        self.to_tcp = bytearray()
+        self.to_tcp = bytearray(parked.reply)
+        self.carried = len(parked.reply)  # head of to_tcp from an earlier guest: uncounted
         self.rx_cnt = 0
         self.fwd_cnt = 0
         self.adv_fwd_cnt = 0  # fwd_cnt as last told to the guest
@@ -78,11 +87,29 @@ class Conn:
 
     def credit(self) -> int:
         """Bytes the guest can take now."""
-        return self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & 0xFFFF_FFFF)
+        window = min(self.peer_buf_alloc, MAX_WINDOW)
+        return window - ((self.tx_cnt - self.peer_fwd_cnt) & _MASK32)
+
+    def sent_to_guest(self, payload: bytes) -> None:
+        self.unacked += payload
+        self.tx_cnt = (self.tx_cnt + len(payload)) & _MASK32
+
+    def peer_credit(self, buf_alloc: int, fwd_cnt: int) -> None:
+        """The guest's buffer and what it has consumed, from any packet's header."""
+        self.peer_buf_alloc = buf_alloc
+        self.peer_fwd_cnt = fwd_cnt
+        consumed = len(self.unacked) - ((self.tx_cnt - fwd_cnt) & _MASK32)
+        if consumed > 0:
+            del self.unacked[:consumed]
+
+    def park(self) -> Parked:
+        """This client connection as the next guest should take it over."""
+        replay = bytes(self.unacked + self.to_guest)
+        return Parked(self.sock, replay, bytes(self.to_tcp), self.tcp_eof)
 
     def guest_room(self) -> int:
         """Bytes the guest may still send before exceeding our advertised buffer."""
-        return self.buf_alloc - ((self.rx_cnt - self.fwd_cnt) & 0xFFFF_FFFF)
+        return self.buf_alloc - ((self.rx_cnt - self.fwd_cnt) & _MASK32)
 
     def wants_read(self) -> bool:
         return (
@@ -123,7 +150,9 @@ class Conn:
             except OSError:
                 return False
             del self.to_tcp[:sent]
-            self.fwd_cnt = (self.fwd_cnt + sent) & 0xFFFF_FFFF
+            carried = min(sent, self.carried)
+            self.carried -= carried
+            self.fwd_cnt = (self.fwd_cnt + sent - carried) & _MASK32
         if not self.to_tcp and self.guest_shut_send and not self.tcp_shut_wr:
             self.tcp_shut_wr = True
             try:
@@ -133,7 +162,7 @@ class Conn:
         return True
 
     def credit_update_due(self) -> bool:
-        freed = (self.fwd_cnt - self.adv_fwd_cnt) & 0xFFFF_FFFF
+        freed = (self.fwd_cnt - self.adv_fwd_cnt) & _MASK32
         # A guest out of credit has buf_alloc bytes outstanding, so this always fires
         # before it could stall.
         return self.credit_requested or freed >= min(self.buf_alloc // 4, 64 << 10)
