@@ -10,8 +10,8 @@ with no failures also shows that no keep-alive connection was lost in a hand-off
 from __future__ import annotations
 
 import http.client
+import multiprocessing
 import statistics
-import threading
 import time
 
 
@@ -24,85 +24,100 @@ class Sample:
 
 
 class KvLoad:
+    """``clients`` keep-alive clients, each in its own process: one client's Python
+    (GIL, garbage collection) cannot delay another's, so a long request is the
+    server's doing. Results are collected when ``stop`` returns."""
+
     def __init__(self, port: int, clients: int = 8, host: str = "127.0.0.1") -> None:
         self.host, self.port = host, port
-        self.stop_event = threading.Event()
-        self.lock = threading.Lock()
         self.acked: dict[str, bytes] = {}
         self.failures: list[str] = []
         self.samples: list[Sample] = []
         self.reconnects = 0
-        self.threads = [
-            threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)
+        context = multiprocessing.get_context("spawn")  # no inherited threads or locks
+        self._stop = context.Event()
+        self._pipes = [context.Pipe(duplex=False) for _ in range(clients)]
+        self._processes = [
+            context.Process(
+                target=run_client, args=(host, port, i, self._stop, sender), daemon=True
+            )
+            for i, (_, sender) in enumerate(self._pipes)
         ]
 
     def start(self) -> KvLoad:
-        for thread in self.threads:
-            thread.start()
+        for process in self._processes:
+            process.start()
         return self
 
     def stop(self) -> None:
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(60)
-
-    def _connect(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.host, self.port, timeout=30)
-
-    @staticmethod
-    def _send(conn, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
-        conn.request(method, path, body=body)
-        response = conn.getresponse()
-        return response.status, response.read()
-
-    def _client(self, index: int) -> None:
-        conn = self._connect()
-        n = 0
-        while not self.stop_event.is_set():
-            key, value = f"load{index}-{n}", f"value-{index}-{n}-{time.time_ns()}".encode()
-            try:
-                started = time.monotonic()
-                status, _ = self._send(conn, "PUT", f"/kv/{key}", value)
-                self._record("PUT", started)
-                if status not in (200, 201, 204):
-                    self._fail(f"PUT {key}: HTTP {status}")
-                    continue
-                with self.lock:
-                    self.acked[key] = value
-                started = time.monotonic()
-                status, body = self._send(conn, "GET", f"/kv/{key}", None)
-                self._record("GET", started)
-                if (status, body) != (200, value):
-                    self._fail(f"GET {key}: HTTP {status} {body[:40]!r}")
-            except Exception as exc:
-                self._fail(f"client {index}: {exc!r}")
-                conn.close()
-                time.sleep(0.05)
-                conn = self._connect()
-                with self.lock:
-                    self.reconnects += 1
-            n += 1
-        conn.close()
-
-    def _record(self, method: str, started: float) -> None:
-        sample = Sample(method, started, time.monotonic())
-        with self.lock:
-            self.samples.append(sample)
-
-    def _fail(self, message: str) -> None:
-        with self.lock:
-            self.failures.append(message)
+        self._stop.set()
+        for (receiver, _), process in zip(self._pipes, self._processes, strict=True):
+            if not receiver.poll(60):
+                self.failures.append(f"client process {process.pid} sent no results")
+                process.kill()
+                continue
+            samples, acked, failures, reconnects = receiver.recv()
+            self.samples += [Sample(*sample) for sample in samples]
+            self.acked.update(acked)
+            self.failures += failures
+            self.reconnects += reconnects
+            process.join(10)
+        self.samples.sort(key=lambda sample: sample.start)
 
     def lost_writes(self) -> list[str]:
         """Acknowledged writes that the service no longer returns."""
         lost = []
-        conn = self._connect()
+        conn = _connect(self.host, self.port)
         for key, value in list(self.acked.items()):
-            status, body = self._send(conn, "GET", f"/kv/{key}", None)
+            status, body = _send(conn, "GET", f"/kv/{key}", None)
             if (status, body) != (200, value):
                 lost.append(key)
         conn.close()
         return lost
+
+
+def _connect(host: str, port: int) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection(host, port, timeout=30)
+
+
+def _send(conn, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
+    conn.request(method, path, body=body)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def run_client(host: str, port: int, index: int, stop, results) -> None:
+    """One client's loop (in its own process): PUT a unique key, GET it back."""
+    samples: list[tuple[str, float, float]] = []
+    acked: dict[str, bytes] = {}
+    failures: list[str] = []
+    reconnects = 0
+    conn = _connect(host, port)
+    n = 0
+    while not stop.is_set():
+        key, value = f"load{index}-{n}", f"value-{index}-{n}-{time.time_ns()}".encode()
+        n += 1
+        try:
+            started = time.monotonic()
+            status, _ = _send(conn, "PUT", f"/kv/{key}", value)
+            samples.append(("PUT", started, time.monotonic()))
+            if status not in (200, 201, 204):
+                failures.append(f"PUT {key}: HTTP {status}")
+                continue
+            acked[key] = value
+            started = time.monotonic()
+            status, body = _send(conn, "GET", f"/kv/{key}", None)
+            samples.append(("GET", started, time.monotonic()))
+            if (status, body) != (200, value):
+                failures.append(f"GET {key}: HTTP {status} {body[:40]!r}")
+        except Exception as exc:
+            failures.append(f"client {index}: {exc!r}")
+            conn.close()
+            time.sleep(0.05)
+            conn = _connect(host, port)
+            reconnects += 1
+    conn.close()
+    results.send((samples, acked, failures, reconnects))
 
 
 def percentile(values: list[float], fraction: float) -> float:
