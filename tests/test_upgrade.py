@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from harness import GuestProcess
@@ -237,3 +238,55 @@ def test_malformed_upgrade_requests_change_nothing(node):
         reply = upgrade_request(node, **request)
         assert not reply["ok"] or reply["result"]["failed_phase"] == "preflight", reply
     assert json.loads(node.get("/status")[1])["version"] == "v1"
+
+
+def test_the_agent_arms_faults_that_fire_once(kernels, tmp_path):
+    disk = tmp_path / "kv.img"
+    disk.write_bytes(bytes(16 << 20))
+    http_port, agent_port = free_port(), free_port()
+    args = ["boot", str(kernels / "webkv-v1.elf"), "--disk", str(disk), "--timeout", "120"]
+    args += ["--forward", f"127.0.0.1:{http_port}=80", "--forward", f"127.0.0.1:{agent_port}=7000"]
+    with GuestProcess([*args, "--cmdline", "console=ttyS0 fault=never-serving"]) as guest:
+        guest.expect(r"^webkv: fault-armed=never-serving$", timeout=30)
+        guest.expect(r"webkv: ready", timeout=30)
+
+        def agent() -> tuple[socket.socket, Callable[[str], str]]:
+            sock = socket.create_connection(("127.0.0.1", agent_port), timeout=10)
+            reader = sock.makefile("rb")
+
+            def ask(command: str) -> str:
+                sock.sendall(command.encode() + b"\n")
+                return reader.readline().decode().strip()
+
+            return sock, ask
+
+        def put(key: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+            conn.request("PUT", f"/kv/{key}", body=b"x")
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        first, ask = agent()
+        assert ask("fault meteor") == "error unknown-fault"
+        assert ask("acquire").startswith("serving")  # already serving: never-serving waits
+        assert ask("fault release-refused") == "ok fault=release-refused"
+        assert ask("release") == "refused fault-injected"
+        guest.expect(r"^webkv: fault=release-refused$")
+        assert put("still-serving") == 201
+        assert ask("release") == "released"  # it fired once
+        assert ask("fault never-serving") == "ok fault=never-serving"
+        first.sendall(b"acquire\n")
+        guest.expect(r"^webkv: fault=never-serving$")
+        first.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            first.recv(100)  # no answer, ever
+        second, ask = agent()
+        assert ask("ready?") == "ready v1"  # the rest of webkv runs on
+        assert ask("acquire").startswith("serving keys=1")  # fired once
+        assert ask("fault release-refused") == "ok fault=release-refused"
+        assert ask("fault none") == "ok fault=none"
+        assert ask("release") == "released"
+        assert "webkv: fault=" not in guest.stdout.split("fault-armed=none")[-1]
+        first.close()
+        second.close()

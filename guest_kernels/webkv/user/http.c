@@ -838,13 +838,25 @@ static void agent_command(struct hconn *hc, const char *cmd)
 		status_json(buf, sizeof(buf));
 		agent_send(hc, buf);
 	} else if (!strcmp(cmd, "release")) {
-		if (begin_release())
+		int r = begin_release();
+		if (r > 0)
 			agent_send(hc, "released");
+		else if (r < 0)
+			agent_send(hc, "refused fault-injected");
 		else
 			hc->agent_wait = AGENT_WAIT_RELEASE;
 	} else if (!strcmp(cmd, "acquire")) {
-		do_acquire(buf, sizeof(buf));
-		agent_send(hc, buf);
+		if (do_acquire(buf, sizeof(buf)) > 0)
+			hc->agent_wait = AGENT_WAIT_FOREVER;
+		else
+			agent_send(hc, buf);
+	} else if (!strncmp(cmd, "fault ", 6)) {
+		if (arm_fault(cmd + 6)) {
+			agent_send(hc, "error unknown-fault");
+		} else {
+			ksnprintf(buf, sizeof(buf), "ok fault=%s", cmd + 6);
+			agent_send(hc, buf);
+		}
 	} else if (*cmd) {
 		agent_send(hc, "error unknown-command");
 	}

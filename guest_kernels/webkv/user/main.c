@@ -39,10 +39,39 @@ static unsigned port_streams(uint32_t port)
 	return n;
 }
 
+/* ---- injected faults (tests and demos) ---- */
+
+enum fault { FAULT_NONE, FAULT_NEVER_SERVING, FAULT_RELEASE_REFUSED, N_FAULTS };
+static const char *const fault_names[N_FAULTS] = { "none", "never-serving", "release-refused" };
+static enum fault armed_fault;
+
+int arm_fault(const char *name)
+{
+	for (int f = 0; f < N_FAULTS; f++)
+		if (!strcmp(name, fault_names[f])) {
+			armed_fault = f;
+			uprintf("webkv: fault-armed=%s\n", fault_names[f]);
+			return 0;
+		}
+	return -1;
+}
+
+/* Is fault f armed?  Then it fires, once: it is disarmed. */
+static int fault_fires(enum fault f)
+{
+	if (armed_fault != f)
+		return 0;
+	armed_fault = FAULT_NONE;
+	uprintf("webkv: fault=%s\n", fault_names[f]);
+	return 1;
+}
+
 /* ---- release / acquire ---- */
 
 int begin_release(void)
 {
+	if (!releasing && fault_fires(FAULT_RELEASE_REFUSED))
+		return -1;		/* refused: still serving (if it was) */
 	if (!serving && !releasing)
 		return 1;
 	if (!releasing) {
@@ -78,6 +107,8 @@ int do_acquire(char *reply, size_t size)
 		ksnprintf(reply, size, "error releasing");
 		return -1;
 	}
+	if (!serving && fault_fires(FAULT_NEVER_SERVING))
+		return 1;		/* no answer and no service, ever */
 	if (!serving) {
 		if (wal_open(&why)) {
 			uprintf("webkv: error=%s\n", why);
@@ -163,7 +194,7 @@ static __attribute__((noreturn)) void loop(void)
 
 int umain(void)
 {
-	const char *r = uarg("role"), *name = uarg("name"), *why = NULL;
+	const char *r = uarg("role"), *name = uarg("name"), *fault = uarg("fault"), *why = NULL;
 	int standby = r && !strcmp(r, "standby");
 
 	start_ns = now_ns = uclock_ns();
@@ -171,6 +202,8 @@ int umain(void)
 		instance_name = name;
 	if (r && strcmp(r, "standby") && strcmp(r, "primary"))
 		uprintf("webkv: warning=unknown-role role=%s\n", r);
+	if (fault && arm_fault(fault))
+		uprintf("webkv: warning=unknown-fault fault=%s\n", fault);
 	kv_init();
 	http_init();
 	sys_timer(TIMER_HZ);	/* the first use calibrates the LAPIC timer (2 ms): now, not on a request */

@@ -133,9 +133,11 @@ unsigned http_port_conns(void);		/* port-80 connections not yet closed */
 void agent_reply_all(int which, const char *line);
 #define AGENT_WAIT_RELEASE	1
 #define AGENT_WAIT_ACQUIRE	2
+#define AGENT_WAIT_FOREVER	3	/* the never-serving fault: no reply, ever */
 
 /* main.c: the agent's commands */
-int begin_release(void);		/* 1 if already released */
-int do_acquire(char *reply, size_t size);
+int begin_release(void);		/* 1 already released, 0 reply later, -1 refused (fault) */
+int do_acquire(char *reply, size_t size);	/* 0 serving, -1 error, 1 no reply (fault) */
+int arm_fault(const char *name);	/* "none", "never-serving", "release-refused"; -1 unknown */
 
 #endif
