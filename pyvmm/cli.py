@@ -173,12 +173,27 @@ def upgrade(
     inject: Annotated[
         str | None, typer.Option(help="a fault to inject, for tests and demos")
     ] = None,
+    timeout: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--timeout",
+            metavar="PHASE=SECONDS",
+            help="a phase time-out: ready, release or acquire (repeatable)",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Upgrade the running instance online to the kernel given by --to."""
     import time
 
     started = time.monotonic()
+    timeouts: dict[str, float] = {}
+    for item in timeout or ():
+        phase, _, seconds = item.partition("=")
+        try:
+            timeouts[phase] = float(seconds)
+        except ValueError:
+            raise typer.BadParameter(f"--timeout {item!r}: expected PHASE=SECONDS") from None
 
     def show(update: dict[str, Any]) -> None:
         if not as_json and update["state"] != "start":
@@ -192,6 +207,8 @@ def upgrade(
     arguments: dict[str, Any] = {"kernel": to, "cmdline": cmdline}
     if inject:
         arguments["inject"] = inject
+    if timeouts:
+        arguments["timeouts"] = timeouts
     reply = _send("upgrade", as_json, path=control, on_progress=show, **arguments)
     report = reply["result"]
     if not as_json:

@@ -100,7 +100,13 @@ def test_kvm_internal_error_is_reported(kernels):
 
 
 @pytest.mark.parametrize(
-    "args", [["boot", "x.elf", "--mem", "lots"], ["boot", "x.elf", "--timeout", "-1"]]
+    "args",
+    [
+        ["boot", "x.elf", "--mem", "lots"],
+        ["boot", "x.elf", "--timeout", "-1"],
+        ["upgrade", "x.sock", "--to", "x.elf", "--timeout", "acquire"],
+        ["upgrade", "x.sock", "--to", "x.elf", "--timeout", "acquire=soon"],
+    ],
 )
 def test_bad_options(args):
     status, _, err = run_pyvmm(args)
