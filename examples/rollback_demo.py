@@ -2,8 +2,14 @@
 devirtualized, and no acknowledged write is lost.
 
     .venv/bin/python examples/rollback_demo.py [--inject crash-after-ready] [--json]
+        [--timeout PHASE=SECONDS ...]
 
-Faults: boot-fails, crash-after-ready, never-serving, release-refused, phase-timeout.
+Faults: boot-fails (the new kernel does not parse), crash-after-ready (the host stops
+the new instance once it is ready), never-serving (the new webkv never answers acquire:
+the acquire time-out rolls back, 20 s unless --timeout acquire=2), release-refused (the
+old webkv refuses the release and serves on), phase-timeout (a host-side time-out too
+short for anyone). The two webkv faults are the guests' own doing: each prints
+`webkv: fault=<name>` on its console when it fires.
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ def main() -> None:
     parser.add_argument("--inject", default="crash-after-ready")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--timeout", action="append", default=[], metavar="PHASE=SECONDS", help="a phase time-out"
+    )
     args = parser.parse_args()
-    result = run("webkv-v2.elf", ("--inject", args.inject), args.clients, settle=1.0)
+    extra = ("--inject", args.inject, *(w for t in args.timeout for w in ("--timeout", t)))
+    result = run("webkv-v2.elf", extra, args.clients, settle=1.0)
     report = {k: v for k, v in result.items() if not k.startswith("_")}
     up = report["upgrade"]
     if args.json:

@@ -108,26 +108,54 @@ def test_upgrade_under_load_loses_nothing(node):
     assert json.loads(node.get("/status")[1])["version"] == "v2"
 
 
-@pytest.mark.parametrize(
-    "fault",
-    ["boot-fails", "crash-after-ready", "never-serving", "release-refused", "phase-timeout"],
-)
+# fault: (the phase that fails, words of the reason, the console prefix of the webkv that
+# misbehaves: A, the first instance, has the node's console to itself, B's lines say [b])
+FAULTS = {
+    "boot-fails": ("boot", "", None),
+    "crash-after-ready": ("release", "gone", None),
+    # B boots with fault=never-serving: its agent never answers acquire, and the
+    # acquire time-out (short here) rolls back.
+    "never-serving": ("acquire", "never reported serving", r"\[b\] "),
+    # A's agent, armed just before the release, refuses it and serves on.
+    "release-refused": ("release", "refused to release: fault-injected", ""),
+    "phase-timeout": ("acquire", "never reported serving", None),  # host-side: a tiny time-out
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
 def test_every_injected_fault_rolls_back(node, fault):
+    phase, reason, guest = FAULTS[fault]
     idle = node.keep_alive()
     assert status_on(idle)["version"] == "v1"
     load = KvLoad(node.port, clients=4).start()
     time.sleep(0.3)
-    status, report = node.upgrade("v2", "--inject", fault)
+    status, report = node.upgrade("v2", "--inject", fault, "--timeout", "acquire=2")
     time.sleep(0.3)
     load.stop()
     assert status == 3, report
     result = report["result"]
     assert result["rolled_back"] and result["after"] == "v1", result
+    assert result["failed_phase"] == phase and reason in result["reason"], result
     assert not load.failures, load.failures[:5]
     assert load.reconnects == 0
+    assert len(load.acked) > 0
     assert load.lost_writes() == []
     info = status_on(idle)  # the idle keep-alive connection is served by A again
-    assert info["version"] == "v1" and info["role"] == "primary"
+    assert (info["version"], info["role"], info["instance"]) == ("v1", "primary", "webkv")
+    node_status = control_request(node, "status")["result"]
+    assert node_status["mode"] == "devirtualized", node_status
+    running = [i["name"] for i in node_status["instances"] if i["status"] == "running"]
+    assert running == ["a"], node_status
+    if guest is not None:  # the guest itself misbehaved, and said so on its console
+        node.guest.expect(rf"^{guest}webkv: fault-armed={fault}$", timeout=5)
+        node.guest.expect(rf"^{guest}webkv: fault={fault}$", timeout=5)
+    else:
+        assert "webkv: fault" not in node.guest.stdout
+    # Nothing stays armed (a fault fires once): the next upgrade goes through.
+    status, report = node.upgrade("v2")
+    assert status == 0 and report["result"]["after"] == "v2", report
+    after = status_on(idle)
+    assert (after["version"], after["keys"]) == ("v2", info["keys"])
 
 
 def test_idle_keep_alive_connection_moves_to_the_new_instance(node):
@@ -204,17 +232,21 @@ def test_upgrade_goes_on_when_the_requesting_client_disappears(node):
     assert status["version"] == "v2" and status["role"] == "primary"
 
 
-def upgrade_request(node, **request) -> dict:
+def control_request(node, op: str, **request) -> dict:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(120)
         s.connect(node.control)
-        s.sendall(json.dumps({"op": "upgrade", **request}).encode() + b"\n")
+        s.sendall(json.dumps({"op": op, **request}).encode() + b"\n")
         with s.makefile("rb") as reader:
             for line in reader:
                 message = json.loads(line)
                 if "ok" in message:
                     return message
     raise AssertionError("no reply")
+
+
+def upgrade_request(node, **request) -> dict:
+    return control_request(node, "upgrade", **request)
 
 
 def test_a_kernel_that_never_reports_ready_is_rolled_back(node):

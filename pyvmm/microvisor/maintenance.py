@@ -9,6 +9,13 @@ it reports ``released``, and B recovers that log before it reports ``serving``.
 The instances' maintenance agents speak a line protocol on vsock port 7000
 (``ready?`` / ``release`` / ``acquire``), reached through a host listener on the
 instance's own vsock device, like any other client: no hypervisor interface.
+
+Injected faults (``inject``, for tests and demos) make the guests misbehave, except
+``phase-timeout``, a time-out too short for anyone. ``boot-fails`` gives B an image
+that does not parse, ``crash-after-ready`` stops B as a crash would, ``never-serving``
+boots B with ``fault=never-serving`` (its agent never answers ``acquire``), and
+``release-refused`` arms A's agent with ``fault release-refused`` just before the
+release (A refuses it and serves on; the fault fires once).
 """
 
 from __future__ import annotations
@@ -190,7 +197,8 @@ class Upgrade:
         if self.inject == "boot-fails":
             kernel = os.devnull  # an image that does not parse: start must refuse it
         console = f"console=ttyS{self.spare.index}"
-        cmdline = f"{console} role=standby name={name} {self.cmdline}".strip()
+        fault = " fault=never-serving" if self.inject == "never-serving" else ""
+        cmdline = f"{console} role=standby name={name}{fault} {self.cmdline}".strip()
         # The name of a retired instance can be reused.
         self.b = self.mv.start(kernel, cmdline, name=name)
 
@@ -212,11 +220,15 @@ class Upgrade:
 
     def _release(self) -> None:
         self._check_alive(self.b, "release")
+        if self.inject == "release-refused":
+            self._arm_fault(self.agents["a"], "release-refused", "release")
         for listener in self.services.listeners:
             listener.detach()  # new connections wait in the listen queue from here on
         self.listeners_moved = True
-        command = "release-refuse-test" if self.inject == "release-refused" else "release"
-        reply = self.agents["a"].ask(command, self.timeouts["release"])
+        reply = self.agents["a"].ask("release", self.timeouts["release"])
+        if reply.startswith("refused"):
+            why = reply.partition(" ")[2] or "no reason given"
+            raise UpgradeFailed("release", f"the old instance refused to release: {why}")
         if reply != "released":
             raise UpgradeFailed("release", f"the old instance answered {reply!r}")
 
@@ -226,9 +238,8 @@ class Upgrade:
         self.disk_moved = True
 
     def _acquire(self) -> None:
-        command = "acquire-never-test" if self.inject == "never-serving" else "acquire"
         try:
-            reply = self.agents["b"].ask(command, self.timeouts["acquire"])
+            reply = self.agents["b"].ask("acquire", self.timeouts["acquire"])
         except TimeoutError:
             raise UpgradeFailed("acquire", "the new instance never reported serving") from None
         if not reply.startswith("serving"):
@@ -270,6 +281,11 @@ class Upgrade:
     def _check_alive(self, instance: OsInstance | None, phase: str) -> None:
         if instance is None or not instance.live:
             raise UpgradeFailed(phase, "the new instance is gone (crashed or powered off)")
+
+    def _arm_fault(self, agent: Agent, fault: str, phase: str) -> None:
+        reply = agent.ask(f"fault {fault}", self.timeouts[phase])
+        if reply != f"ok fault={fault}":
+            raise UpgradeFailed(phase, f"cannot inject {fault}: the agent answered {reply!r}")
 
     @staticmethod
     def _version(agent: Agent, timeout: float) -> str:
