@@ -76,7 +76,6 @@ class Node:
 
     def upgrade(self, kernel: str, *extra: str) -> tuple[dict, list[dict]]:
         """Runs `pyvmm upgrade --json`; returns its report and the phase timeline."""
-        started = time.monotonic()
         done = subprocess.run(
             pyvmm("upgrade", self.control, "--to", str(KERNELS / kernel), "--json", *extra),
             capture_output=True,
@@ -87,10 +86,11 @@ class Node:
         if not reply.get("ok"):
             raise SystemExit(f"upgrade request failed: {reply.get('error')}")
         report = reply["result"]
-        timeline, at = [], started
+        # The node reports on the host's monotonic clock, the one our samples use.
+        timeline = []
         for phase in report["phases"]:
-            timeline.append({**phase, "start": at, "end": at + phase["seconds"]})
-            at += phase["seconds"]
+            start = report["monotonic_start"] + phase["start"]
+            timeline.append({**phase, "start": start, "end": start + phase["seconds"]})
         return report, timeline
 
     def __enter__(self) -> Node:

@@ -155,6 +155,20 @@ def stop(name: Annotated[str, typer.Argument()], as_json: JsonOption = False) ->
 
 
 @ctl.command()
+def pause(name: Annotated[str, typer.Argument()], as_json: JsonOption = False) -> None:
+    """Stop scheduling an instance; its interrupts wait until it is resumed."""
+    _send("pause", as_json, name=name)
+    _say(as_json, f"paused {name}")
+
+
+@ctl.command()
+def resume(name: Annotated[str, typer.Argument()], as_json: JsonOption = False) -> None:
+    """Schedule a paused instance again."""
+    _send("resume", as_json, name=name)
+    _say(as_json, f"resumed {name}")
+
+
+@ctl.command()
 def move(
     device: Annotated[str, typer.Argument()],
     to: Annotated[str, typer.Argument(metavar="NAME")],

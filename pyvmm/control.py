@@ -88,6 +88,8 @@ def _operations(
         "start": start,
         "stop": lambda r: mv.stop(_text(r, "name")),
         "move": lambda r: mv.move(_text(r, "device"), _text(r, "to")),
+        "pause": lambda r: mv.pause(_text(r, "name")),
+        "resume": lambda r: mv.resume(_text(r, "name")),
     }
 
 

@@ -27,6 +27,7 @@ PARTITION_ALIGN = 2 * MiB
 MMIO_HOLE_START = 0xC000_0000
 
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_MADV_DONTNEED = 4
 _MADV_DONTFORK = 10
 _MADV_HUGEPAGE = 14
 HUGE_PAGE = 2 * MiB
@@ -134,6 +135,23 @@ class GuestMemory:
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         self.check(gpa, length)
         ctypes.memset(self.host_address + gpa, byte, length)
+
+    def discard(self, gpa: int, length: int) -> None:
+        """Zero a range and give its pages back to the host. Whole pages are dropped
+        (MADV_DONTNEED: they read as zero and are faulted in again on use, KVM's
+        mappings follow), which is instant where writing zeros to a 256 MiB
+        partition takes a core for ~100 ms; the partial pages at the ends are
+        zeroed."""
+        self.check(gpa, length)
+        page = mmap.PAGESIZE
+        start, end = -(-gpa // page) * page, (gpa + length) // page * page
+        if end <= start:
+            self.fill(gpa, length)
+            return
+        if _libc.madvise(self.host_address + start, end - start, _MADV_DONTNEED) != 0:
+            self.fill(start, end - start)  # cannot happen on a private anonymous map
+        self.fill(gpa, start - gpa)
+        self.fill(end, gpa + length - end)
 
     def read_u32(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 4), "little")

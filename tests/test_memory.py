@@ -31,3 +31,17 @@ def test_partitions_split_memory_evenly_and_align():
         assert [(p.base, p.size) for p in mem.partitions] == [(0, 4 * MiB), (4 * MiB, 4 * MiB)]
     with pytest.raises(MemoryAccessError, match="multiple"):
         GuestMemory(3 * MiB, partitions=2)
+
+
+def test_discard_zeroes_exactly_the_range_and_keeps_the_rest():
+    with GuestMemory(8 * MiB) as mem:
+        mem.fill(0, 8 * MiB, 0xAB)
+        start, length = 3 * MiB - 100, 2 * MiB + 300  # ragged at both ends
+        mem.discard(start, length)
+        data = mem.array()
+        assert not data[start : start + length].any()
+        assert (data[:start] == 0xAB).all() and (data[start + length :] == 0xAB).all()
+        mem.write(start, b"again")  # dropped pages come back on use
+        assert mem.read(start, 5) == b"again"
+        with pytest.raises(MemoryAccessError):
+            mem.discard(7 * MiB, 2 * MiB)

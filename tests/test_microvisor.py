@@ -53,7 +53,13 @@ class Node:
             except BaseException as exc:
                 errors.append(exc)
             finally:
-                # End the run: the spinning first instance never exits by itself.
+                # End the run: spinning instances never exit by themselves, and ending
+                # the run's current instance retires only that one.
+                for instance in self.mv.live()[1:]:
+                    try:
+                        self.mv.stop(instance.name)
+                    except MicrovisorError:
+                        pass
                 self.machine.call_on_vcpu(self._end)
 
         thread = threading.Thread(target=driver)
@@ -142,6 +148,32 @@ def test_two_instances_both_make_progress(node):
     node.run_with(script)
     latency = node.mv.status()["switch_latency_us"]
     assert latency["p50"] is not None
+
+
+def test_a_paused_instance_gets_no_vcpu_time_until_resumed(node):
+    def script(n: Node) -> None:
+        with pytest.raises(MicrovisorError, match="only while virtualized"):
+            n.mv.pause("a")
+        n.mv.virtualize()
+        with pytest.raises(MicrovisorError, match="only instance left"):
+            n.mv.pause("a")
+        n.mv.start(n.kernel("probe.elf"), "console=ttyS1 probe=spin", name="b")
+        time.sleep(0.2)
+        n.mv.pause("a")
+        with pytest.raises(MicrovisorError, match="only instance left"):
+            n.mv.pause("b")
+        slices = n.mv.instances["a"].slices
+        time.sleep(0.3)  # b spins alone: no slice ends, no switch back to a
+        assert n.mv.instances["a"].slices == slices
+        assert {i["name"]: i["paused"] for i in n.mv.status()["instances"]} == {
+            "a": True,
+            "b": False,
+        }
+        n.mv.resume("a")
+        time.sleep(0.2)
+        assert n.mv.instances["a"].slices > slices
+
+    node.run_with(script)
 
 
 def test_access_to_another_instances_device_is_refused(node):

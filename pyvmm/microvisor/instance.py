@@ -24,6 +24,7 @@ class OsInstance:
         self.mmio = MmioBus()
         # Interrupt lines (by GSI) asserted while it was switched out.
         self.held: set[int] = set()
+        self.paused = False  # not scheduled at all; its interrupts are held meanwhile
         self.halted = False  # halted with nothing pending, as of its last switch-out
         self.wake_at: float | None = None  # when its own timer fires, if halted
         self.slices = 0
@@ -41,6 +42,7 @@ class OsInstance:
             "size": self.partition.size,
             "devices": sorted(self.devices),
             "status": self.status,
+            "paused": self.paused,
             "slices": self.slices,
             "refused_accesses": self.refused,
             "result": None if self.result is None else self.result.reason,

@@ -114,12 +114,15 @@ class Upgrade:
     def run(self) -> dict[str, object]:
         if not Upgrade._running.acquire(blocking=False):
             raise PyvmmError("an upgrade is already running on this node")
-        started = time.monotonic()
+        self.started = time.monotonic()
         try:
             result = self._run()
         finally:
             Upgrade._running.release()
-        result["total_s"] = round(time.monotonic() - started, 4)
+        result["total_s"] = round(time.monotonic() - self.started, 4)
+        # CLOCK_MONOTONIC is host-wide: clients on this host can place the phases
+        # on their own time line (each phase's "start" is relative to this).
+        result["monotonic_start"] = self.started
         result["phases"] = self.phases
         return result
 
@@ -127,7 +130,7 @@ class Upgrade:
         self.a = next((i for i in self.mv.live()), None)
         self.b = None
         self.agents: dict[str, Agent] = {}
-        self.disk_moved = self.listeners_moved = False
+        self.disk_moved = self.listeners_moved = self.a_paused = False
         try:
             for phase in PHASES:
                 self._phase(phase, getattr(self, f"_{phase}"))
@@ -166,7 +169,14 @@ class Upgrade:
 
     def _record(self, name: str, started: float, state: str) -> None:
         seconds = time.monotonic() - started
-        self.phases.append({"phase": name, "state": state, "seconds": round(seconds, 4)})
+        self.phases.append(
+            {
+                "phase": name,
+                "state": state,
+                "start": round(started - self.started, 4),
+                "seconds": round(seconds, 4),
+            }
+        )
         self.progress(name, state, seconds)
 
     # --- phases ------------------------------------------------------------------------
@@ -231,11 +241,20 @@ class Upgrade:
             raise UpgradeFailed("release", f"the old instance refused to release: {why}")
         if reply != "released":
             raise UpgradeFailed("release", f"the old instance answered {reply!r}")
+        # A has nothing to do until a rollback: keep it off the vCPU, so B's acquire
+        # does not wait for A's slices.
+        self.mv.pause(self.a.name)
+        self.a_paused = True
 
     def _move(self) -> None:
         self._check_alive(self.b, "move")
         self.mv.move(self.services.disk, self.b.name)
         self.disk_moved = True
+        vsock = self.services.vsocks[self.b.partition.index]
+        for listener in self.services.listeners:
+            # Waiting connections are offered to B now; B holds them in its backlog
+            # and takes them the moment it serves, so the handshakes overlap acquire.
+            listener.attach(vsock)
 
     def _acquire(self) -> None:
         try:
@@ -244,9 +263,6 @@ class Upgrade:
             raise UpgradeFailed("acquire", "the new instance never reported serving") from None
         if not reply.startswith("serving"):
             raise UpgradeFailed("acquire", f"the new instance answered {reply!r}")
-        vsock = self.services.vsocks[self.b.partition.index]
-        for listener in self.services.listeners:
-            listener.attach(vsock)  # waiting connections go to the new instance
 
     def _retire(self) -> None:
         self.agents.pop("a").close()
@@ -260,6 +276,8 @@ class Upgrade:
     def _rollback(self, failure: UpgradeFailed) -> None:
         self.progress("rollback", "start", 0.0)
         started = time.monotonic()
+        if self.a_paused:
+            self.mv.resume(self.a.name)
         if self.b is not None and self.b.live:
             self.mv.stop(self.b.name)
         if self.disk_moved:

@@ -9,7 +9,8 @@ Devirtualized, ``run`` is simply ``Machine.run``: the plain loop, direct interru
 delivery, the node's buses. Virtualized, ``run`` alternates instances on the vCPU:
 an instance runs until its slice ends (when another instance has work), a held
 interrupt arrives for the other instance, or it exits; a halted instance is not
-scheduled again until an interrupt or its own timer is due.
+scheduled again until an interrupt or its own timer is due. A paused instance is not
+scheduled at all (its interrupts wait) until it is resumed.
 """
 
 from __future__ import annotations
@@ -107,6 +108,14 @@ class Microvisor:
     def move(self, device: str, to: str) -> None:
         self._on_vcpu(lambda: self._move(device, to))
 
+    def pause(self, name: str) -> None:
+        """Stop scheduling an instance (e.g. one that released its service, kept only
+        for a rollback), so it takes no vCPU time from the others."""
+        self._on_vcpu(lambda: self._set_paused(name, True))
+
+    def resume(self, name: str) -> None:
+        self._on_vcpu(lambda: self._set_paused(name, False))
+
     def start(
         self,
         kernel: str,
@@ -124,7 +133,7 @@ class Microvisor:
         if unknown:
             raise MicrovisorError(f"no such device: {', '.join(unknown)}")
         partition = self._spare_partition()
-        self.machine.memory.fill(partition.base, partition.size)  # no leftovers from before
+        self.machine.memory.discard(partition.base, partition.size)  # no leftovers
         booted = self.machine.load(kernel, cmdline, partition.index)
         cpu = copy_state(self.machine.pristine)
         apply_entry_state(cpu.regs, cpu.sregs, booted.entry)
@@ -202,6 +211,7 @@ class Microvisor:
                 f"{len(survivors)} instances are running; devirtualize needs exactly one"
             )
         survivor = survivors[0]
+        survivor.paused = False
         with self.router.lock:
             if survivor is not self.current:
                 self._switch(survivor)
@@ -235,6 +245,17 @@ class Microvisor:
             raise MicrovisorError(f"{name!r} is the only instance; it cannot be stopped")
         self._retire(instance, RunResult("stopped", 0, "stopped by request"))
         self.machine.hand_over()
+
+    def _set_paused(self, name: str, paused: bool) -> None:
+        instance = self.instances.get(name)
+        if instance is None or not instance.live:
+            raise MicrovisorError(f"no running instance named {name!r}")
+        if self.mode != VIRTUALIZED:
+            raise MicrovisorError("instances are paused only while virtualized")
+        if paused and not any(i is not instance and not i.paused for i in self.live()):
+            raise MicrovisorError(f"{name!r} is the only instance left to run")
+        instance.paused = paused
+        self.machine.hand_over()  # reschedule now
 
     def _move(self, device: str, to: str) -> None:
         if device not in self.machine.devices or self.machine.devices[device].per_instance:
@@ -321,7 +342,7 @@ class Microvisor:
         return None
 
     def _pick(self) -> OsInstance:
-        live = self.live()
+        live = [i for i in self.live() if not i.paused] or self.live()
         if not live:
             raise MicrovisorError("no instance left to run")
         current = self.current if self.current in live else None
@@ -343,7 +364,7 @@ class Microvisor:
         """When to take the vCPU back: the slice end if another instance has work, or
         when a halted instance's own timer is due."""
         now = time.monotonic()
-        others = [i for i in self.live() if i is not running]
+        others = [i for i in self.live() if i is not running and not i.paused]
         if any(self._has_work(i, now) for i in others):
             self._alarm.set(now + self.slice_s, self._preempt)
             return
@@ -356,7 +377,7 @@ class Microvisor:
 
     def _wake(self, instance: OsInstance) -> None:
         """A held interrupt arrived for ``instance`` (any thread): give it the vCPU soon."""
-        if self.mode != VIRTUALIZED or instance is self.current:
+        if self.mode != VIRTUALIZED or instance is self.current or instance.paused:
             return
         ran_for = time.monotonic() - self._slice_started
         if ran_for >= MIN_SLICE_S:

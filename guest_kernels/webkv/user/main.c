@@ -20,7 +20,7 @@ uint64_t start_ns, now_ns;
 uint64_t pending_irqs;			/* IRQ bits seen but not yet handled */
 
 static int releasing;
-static uint64_t release_deadline;
+static uint64_t release_deadline, release_start;
 static int timer_on;
 static uint64_t timer_idle_since, last_tick;
 
@@ -29,12 +29,15 @@ uint64_t uptime_ms(void)
 	return (uclock_ns() - start_ns) / NS_PER_MS;
 }
 
+/* Streams on a port that are open or closing.  Handed-back ones do not count: the
+ * host has taken everything we sent on them before it sees our later packets. */
 static unsigned port_streams(uint32_t port)
 {
 	unsigned n = 0;
 
 	for (unsigned i = 0; i < VS_MAX_CONNS; i++)
-		if (vs.conns[i].state != VS_FREE && vs.conns[i].local_port == port)
+		if (vs.conns[i].state != VS_FREE && vs.conns[i].local_port == port &&
+		    vs.conns[i].closing != VS_HAND_BACK)
 			n++;
 	return n;
 }
@@ -66,6 +69,35 @@ static int fault_fires(enum fault f)
 	return 1;
 }
 
+/* ---- deferred console lines ---- */
+
+static char wlog_buf[4096];
+static size_t wlog_len;
+
+void wlog_flush(void)
+{
+	if (wlog_len)
+		sys_write(1, wlog_buf, wlog_len);
+	wlog_len = 0;
+}
+
+void wlog(const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	for (int attempt = 0; attempt < 2; attempt++) {
+		va_start(ap, fmt);
+		n = kvsnprintf(wlog_buf + wlog_len, sizeof(wlog_buf) - wlog_len, fmt, ap);
+		va_end(ap);
+		if (n >= 0 && wlog_len + n < sizeof(wlog_buf)) {
+			wlog_len += n;
+			return;
+		}
+		wlog_flush();	/* full: write what is queued, then try again */
+	}
+}
+
 /* ---- release / acquire ---- */
 
 int begin_release(void)
@@ -75,10 +107,11 @@ int begin_release(void)
 	if (!serving && !releasing)
 		return 1;
 	if (!releasing) {
-		uprintf("webkv: releasing connections=%u\n", http_port_conns());
+		wlog("webkv: releasing connections=%u\n", http_port_conns());
 		releasing = 1;
 		serving = 0;
 		release_deadline = now_ns + RELEASE_WAIT_NS;
+		release_start = now_ns;
 		vs_listen_accept(&vs, HTTP_PORT, 0);
 		http_drain();
 	}
@@ -95,7 +128,8 @@ static void check_release(void)
 	wal_close();
 	releasing = 0;
 	role = ROLE_RELEASED;
-	uprintf("webkv: released keys=%lu\n", (unsigned long)kv_count());
+	wlog("webkv: released keys=%lu us=%lu\n", (unsigned long)kv_count(),
+		(unsigned long)((uclock_ns() - release_start) / 1000));
 	agent_reply_all(AGENT_WAIT_RELEASE, "released");
 }
 
@@ -111,14 +145,14 @@ int do_acquire(char *reply, size_t size)
 		return 1;		/* no answer and no service, ever */
 	if (!serving) {
 		if (wal_open(&why)) {
-			uprintf("webkv: error=%s\n", why);
+			wlog("webkv: error=%s\n", why);
 			ksnprintf(reply, size, "error %s", why);
 			return -1;
 		}
 		serving = 1;
 		role = ROLE_PRIMARY;
 		vs_listen_accept(&vs, HTTP_PORT, 1);
-		uprintf("webkv: serving keys=%lu\n", (unsigned long)kv_count());
+		wlog("webkv: serving keys=%lu\n", (unsigned long)kv_count());
 	}
 	ksnprintf(reply, size, "serving keys=%lu", (unsigned long)kv_count());
 	return 0;
@@ -178,6 +212,7 @@ static __attribute__((noreturn)) void loop(void)
 		if (releasing)
 			check_release();
 		vs_flush(&vs, now_ns);
+		wlog_flush();
 		http_reap();
 		timers();
 		if (work)
@@ -216,14 +251,15 @@ int umain(void)
 	vs_listen(&vs, HTTP_PORT, 0);
 	if (!standby) {
 		if (wal_open(&why)) {
-			uprintf("webkv: error=%s\n", why);
+			wlog("webkv: error=%s\n", why);
 		} else {
 			serving = 1;
 			role = ROLE_PRIMARY;
 			vs_listen_accept(&vs, HTTP_PORT, 1);
-			uprintf("webkv: serving keys=%lu\n", (unsigned long)kv_count());
+			wlog("webkv: serving keys=%lu\n", (unsigned long)kv_count());
 		}
 	}
+	wlog_flush();
 	uprintf("webkv: ready version=" VERSION_NAME " role=%s keys=%lu instance=%s cid=%lu\n",
 		role == ROLE_PRIMARY ? "primary" : "standby", (unsigned long)kv_count(), instance_name, vs.cid);
 	loop();
