@@ -128,6 +128,7 @@ class Machine:
         self.mmio = MmioBus()
         self.devices: dict[str, Attachment] = {}
         self.virtio: dict[str, tuple[int, int]] = {}  # name → (window base, GSI)
+        self.virtio_partition: dict[str, int | None] = {}  # None: shown to every partition
         self._notify_poller: NotifyPoller | None = None
         com1_irq, com2_irq = IrqLine(self.vm, COM1_IRQ), IrqLine(self.vm, COM2_IRQ)
         self.consoles = {"com1": Console(console), "com2": Console(console2)}
@@ -176,8 +177,11 @@ class Machine:
         self.devices[name] = attachment
         return attachment
 
-    def attach_virtio(self, name: str, backend: object) -> Attachment:
-        """A virtio-mmio device in the next window, with the next interrupt pin.
+    def attach_virtio(
+        self, name: str, backend: object, partition: int | None = None
+    ) -> Attachment:
+        """A virtio-mmio device in the next window, with the next interrupt pin;
+        announced only to ``partition``'s instance if one is given.
 
         Queue notifications arrive through ioeventfds (one per queue, matched on the
         queue index) and interrupts leave through an irqfd: a busy device costs the
@@ -196,6 +200,7 @@ class Machine:
         for queue in range(len(transport.queues)):
             self._notify_poller.add(self.vm, base + VIRTIO_QUEUE_NOTIFY, queue, transport.notify)
         self.virtio[name] = (base, gsi)
+        self.virtio_partition[name] = partition
         return self.attach(name, transport, mmio=((base, VIRTIO_WINDOW),), irqs=(line,))
 
     def virtio_cmdline(self, names: list[str] | None = None) -> str:
@@ -232,12 +237,8 @@ class Machine:
         return load_kernel(writer, image, full)
 
     def virtio_for_partition(self, partition: int) -> list[str]:
-        """A partition's own vsock device plus every device that is not a vsock."""
-        return [
-            name
-            for name in self.virtio
-            if not name.startswith("vsock") or name == f"vsock{partition}"
-        ]
+        """The devices a partition's kernel is told about: its own and the shared ones."""
+        return [name for name, p in self.virtio_partition.items() if p in (None, partition)]
 
     # --- running ---------------------------------------------------------------------
 

@@ -1,8 +1,11 @@
 """The service devices of a node: a vsock device per partition (its own channel to
 the host), an optional disk, and host TCP ports forwarded to guest vsock ports.
 
-Partition N's instance talks through ``vsockN`` (guest CID 3 + N); ``blk0`` is one
-disk that moves between instances; forwarded ports start on ``vsock0``.
+Partition N's instance talks through ``vsockN`` (guest CID 3 + N) and sees the disk
+as ``blkN``: one image with a front-end per partition under a write lease (see
+``devices.virtio.blk``), held by partition 0 at first. Handing the disk over moves the
+lease, not a device, so a standby instance has its driver set up and can read the
+disk before it owns it. Forwarded ports start on ``vsock0``.
 """
 
 from __future__ import annotations
@@ -41,8 +44,18 @@ class ServiceDevices:
 
     def __init__(self) -> None:
         self.vsocks: list[object] = []  # VirtioVsock backends, by partition
-        self.disk: str | None = None  # "blk0" when there is a disk
+        self.disks: list[object] = []  # VirtioBlk front-ends of the disk, by partition
+        self.lease: object | None = None  # their WriteLease
         self.listeners: list[object] = []  # HostListeners, on vsock0 at first
+
+    def disk_writer(self) -> int | None:
+        """The partition whose front-end may write the disk."""
+        holder = getattr(self.lease, "holder", None)
+        return next((i for i, d in enumerate(self.disks) if d is holder), None)
+
+    def give_disk(self, partition: int) -> None:
+        """Move the write lease; returns once the previous writer can write no more."""
+        self.lease.grant(self.disks[partition])  # type: ignore[union-attr]
 
     def close(self) -> None:
         for listener in self.listeners:
@@ -53,19 +66,23 @@ def add_service_devices(
     machine: Machine, disk: str | None = None, forwards: tuple[Forward, ...] = ()
 ) -> ServiceDevices:
     from .devices.virtio import VirtioBlk, VirtioVsock
+    from .devices.virtio.blk import WriteLease
 
     devices = ServiceDevices()
     for partition in machine.memory.partitions:
         vsock = VirtioVsock(FIRST_GUEST_CID + partition.index)
-        machine.attach_virtio(f"vsock{partition.index}", vsock)
+        machine.attach_virtio(f"vsock{partition.index}", vsock, partition.index)
         devices.vsocks.append(vsock)
     if disk is not None:
-        try:
-            backend = VirtioBlk(disk)
-        except OSError as exc:
-            raise UsageError(f"--disk {disk}: {exc.strerror or exc}") from None
-        machine.attach_virtio("blk0", backend)
-        devices.disk = "blk0"
+        devices.lease = lease = WriteLease()
+        for partition in machine.memory.partitions:
+            try:
+                backend = VirtioBlk(disk, lease=lease)
+            except OSError as exc:
+                raise UsageError(f"--disk {disk}: {exc.strerror or exc}") from None
+            machine.attach_virtio(f"blk{partition.index}", backend, partition.index)
+            devices.disks.append(backend)
+        lease.grant(devices.disks[0])
     for forward in forwards:
         try:
             listener = devices.vsocks[0].forward(forward.host, forward.port, forward.guest_port)  # type: ignore[attr-defined]

@@ -104,6 +104,12 @@ def test_upgrade_under_load_loses_nothing(node):
     assert load.reconnects == 0
     assert len(load.acked) > 50
     assert load.lost_writes() == []  # every acknowledged write survived
+    # B read the log ahead as a standby and replayed only the rest when it acquired.
+    following = node.guest.expect(r"^\[b\] webkv: following records=(\d+)", timeout=5)
+    recovered = node.guest.expect(
+        r"^\[b\] webkv: recovered records=(\d+) .* continued=1 ", timeout=5
+    )
+    assert 0 < int(following[1]) <= int(recovered[1])
     assert json.loads(node.get("/status")[1])["version"] == "v2"
 
 

@@ -268,3 +268,32 @@ def test_close_is_idempotent_and_stops_the_worker(disk):
     drv.close()
     assert backend._thread is not None and not backend._thread.is_alive()
     backend.close()
+
+
+def test_front_ends_of_a_shared_disk_write_only_with_the_lease(disk):
+    lease = b.WriteLease()
+    drivers = [GuestDriver(b.VirtioBlk(str(disk), lease=lease)) for _ in range(2)]
+    try:
+        (qa,), (qb,) = (drv.start() for drv in drivers)
+        lease.grant(drivers[0].backend)
+
+        def write(vq, sector: int, data: bytes) -> int:
+            _, length, status = request(vq, [header(b.VIRTIO_BLK_T_OUT, sector), data, 1])
+            return status_of(status, length)
+
+        def read(vq, sector: int) -> bytes:
+            _, _, data = request(vq, [header(b.VIRTIO_BLK_T_IN, sector), 512, 1])
+            return data[:-1]
+
+        assert write(qa, 1, b"A" * 512) == b.VIRTIO_BLK_S_OK
+        assert write(qb, 2, b"B" * 512) == b.VIRTIO_BLK_S_IOERR  # fenced
+        assert read(qb, 1) == b"A" * 512  # but it reads what the holder wrote
+        lease.grant(drivers[1].backend)
+        assert write(qa, 3, b"a" * 512) == b.VIRTIO_BLK_S_IOERR
+        assert write(qb, 2, b"B" * 512) == b.VIRTIO_BLK_S_OK
+        data = disk.read_bytes()
+        assert data[512:1024] == b"A" * 512 and data[1024:1536] == b"B" * 512
+        assert data[1536:2048] != b"a" * 512
+    finally:
+        for drv in drivers:
+            drv.close()

@@ -186,13 +186,13 @@ class Upgrade:
             raise UpgradeFailed("preflight", "no running instance")
         if len(self.mv.live()) != 1:
             raise UpgradeFailed("preflight", "another instance is already running")
-        if self.services.disk is None or self.services.disk not in self.a.devices:
+        if self.services.disk_writer() != self.a.partition.index:
             raise UpgradeFailed("preflight", "the running instance owns no disk to hand over")
         spare = self.mv._spare_partition()
         data = read_kernel_file(self.kernel, spare.size)
         place(parse_kernel_cached(data, os.path.basename(self.kernel)), spare)
-        if len(self.services.vsocks) <= spare.index:
-            raise UpgradeFailed("preflight", f"partition {spare.index} has no vsock device")
+        if len(self.services.vsocks) <= spare.index or len(self.services.disks) <= spare.index:
+            raise UpgradeFailed("preflight", f"partition {spare.index} has no vsock or disk")
         self.spare = spare
         self.agents["a"] = Agent(self.services, self.a.partition.index, 5.0)
         self.versions["a"] = self._version(self.agents["a"], 5.0)
@@ -248,7 +248,7 @@ class Upgrade:
 
     def _move(self) -> None:
         self._check_alive(self.b, "move")
-        self.mv.move(self.services.disk, self.b.name)
+        self.services.give_disk(self.b.partition.index)
         self.disk_moved = True
         vsock = self.services.vsocks[self.b.partition.index]
         for listener in self.services.listeners:
@@ -281,7 +281,7 @@ class Upgrade:
         if self.b is not None and self.b.live:
             self.mv.stop(self.b.name)
         if self.disk_moved:
-            self.mv.move(self.services.disk, self.a.name)
+            self.services.give_disk(self.a.partition.index)
         if self.listeners_moved:
             # The full time-out even when the failure was a (possibly injected) time-out.
             reply = self.agents["a"].ask("acquire", DEFAULT_TIMEOUTS["acquire"])

@@ -41,8 +41,9 @@ T = TypeVar("T")
 
 
 def _own_devices(partition: int) -> tuple[str, ...]:
-    """The devices an instance in ``partition`` has from the start: console and vsock."""
-    return (f"com{partition + 1}", f"vsock{partition}")
+    """The devices an instance in ``partition`` has from the start: console, vsock and
+    its front-end of the disk (which it may write only while it holds the lease)."""
+    return (f"com{partition + 1}", f"vsock{partition}", f"blk{partition}")
 
 
 class MicrovisorError(Exception):
@@ -220,7 +221,9 @@ class Microvisor:
         self._alarm.set(None)
         for console in self.machine.consoles.values():
             console.line_mode = False
-            console.flush()
+            if not console.label:
+                console.flush()  # raw from here on: the rest of the line follows
+            # A labelled console keeps whole lines: its partial line waits for the rest.
         self.mode = DEVIRTUALIZED
         self.machine.hand_over()
 

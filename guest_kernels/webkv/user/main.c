@@ -258,6 +258,8 @@ int umain(void)
 			vs_listen_accept(&vs, HTTP_PORT, 1);
 			wlog("webkv: serving keys=%lu\n", (unsigned long)kv_count());
 		}
+	} else if (wal_follow(&why)) {	/* read ahead now, so acquiring is quick */
+		wlog("webkv: warning=cannot-follow error=%s\n", why);
 	}
 	wlog_flush();
 	uprintf("webkv: ready version=" VERSION_NAME " role=%s keys=%lu instance=%s cid=%lu\n",

@@ -18,6 +18,13 @@
  * sector boundary once (a batch's zero padding) and stops at the next failure.
  * Each mount starts a new epoch in the superblock before writing, so leftovers
  * of a torn batch from an earlier mount can never be taken for new records.
+ *
+ * A standby follows the log (wal_follow): it replays what is on the disk now
+ * through its own read-only view (pyvmm's disk front-end without the write
+ * lease) and remembers where it stopped.  Its mount then only replays the rest,
+ * because records are never rewritten in place: if the superblock generation is
+ * still the one it followed (no compaction or mount since), the active half's
+ * prefix it replayed is unchanged; otherwise it recovers from scratch.
  */
 #include "webkv.h"
 #include "dev/crc32.h"
@@ -193,6 +200,19 @@ static const uint8_t *window(uint64_t pos, uint32_t n, int *ioerr)
 	return iobuf + (pos - win_lo);
 }
 
+/* Where replay stopped: after the last valid record. */
+struct cursor {
+	uint64_t end, expect;
+	uint32_t last_epoch;
+	uint64_t records;
+};
+
+static struct {
+	int valid;
+	uint64_t generation;
+	struct cursor at;
+} followed;
+
 /* 1 applied, 0 not a valid next record, -1 fatal (*why set). */
 static int replay_one(uint64_t pos, uint64_t expect, uint32_t *epoch, uint32_t *size, int *looked_valid,
 		      const char **why)
@@ -237,19 +257,19 @@ static int replay_one(uint64_t pos, uint64_t expect, uint32_t *epoch, uint32_t *
 	return 1;
 }
 
-static int recover(const char **why)
+/* Replay the active half from *c on (a fresh cursor: from its start, into an
+ * empty index) and leave *c after the last valid record. */
+static int replay(struct cursor *c, const char **why)
 {
-	uint64_t pos = 0, end = 0, expect = sb.start_seq;
-	uint32_t last_epoch = 0, size = 0;
+	uint64_t pos = c->end;
+	uint32_t size = 0;
 	int r, looked_valid = 0;
 
 	base_byte = half_sector(sb.active) * SECTOR;
-	win_lo = win_hi = 0;
-	kv_clear();
-	wal_stats.recovered_records = 0;
+	win_lo = win_hi = 0;		/* the disk may have changed since the last read */
 	for (;;) {
 		looked_valid = 0;
-		r = replay_one(pos, expect, &last_epoch, &size, &looked_valid, why);
+		r = replay_one(pos, c->expect, &c->last_epoch, &size, &looked_valid, why);
 		if (r < 0)
 			return -1;
 		if (r == 0) {
@@ -259,15 +279,77 @@ static int recover(const char **why)
 			}
 			break;
 		}
-		expect++;
+		c->expect++;
 		pos += size;
-		end = pos;
-		wal_stats.recovered_records++;
+		c->end = pos;
+		c->records++;
 	}
 	wal_stats.torn_tail = looked_valid;
-	wal_stats.recovered_bytes = end;
-	tail = up(end, SECTOR);
-	next_seq = expect;
+	return 0;
+}
+
+static void fresh_cursor(struct cursor *c)
+{
+	c->end = 0;
+	c->expect = sb.start_seq;
+	c->last_epoch = 0;
+	c->records = 0;
+	kv_clear();
+}
+
+/* The device and the superblock: 1 no superblock (a blank disk), 0 read, -1 error. */
+static int read_superblock(const char **why)
+{
+	uint64_t cap;
+	int best = -1;
+
+	if (!iobuf) {
+		iobuf = ualloc(IOBUF_SIZE, 4096);
+		sbbuf = ualloc(2 * SECTOR, 4096);
+		if (!iobuf || !sbbuf)
+			return *why = "out-of-memory", -1;
+	}
+	if (!disk.ready && vblk_init(&disk, 0)) {
+		*why = disk.dev.regs ? "disk-init" : "no-disk";
+		return -1;
+	}
+	cap = disk.capacity;
+	if (cap < LOG_BASE + 2 * (MIN_HALF / SECTOR))
+		return *why = "disk-too-small", -1;
+	if (sync_io(VBLK_T_IN, 0, sbbuf, 2 * SECTOR) != VBLK_S_OK)
+		return *why = "disk-io", -1;
+	for (int i = 0; i < 2; i++)
+		if (sb_valid(sbbuf + i * SECTOR, cap) &&
+		    (best < 0 || ((struct sb *)(sbbuf + i * SECTOR))->generation >
+				 ((struct sb *)(sbbuf + best * SECTOR))->generation))
+			best = i;
+	if (best < 0) {
+		for (int i = 0; i < 2 * SECTOR; i++)
+			if (sbbuf[i])
+				return *why = "bad-superblock", -1;
+		return 1;
+	}
+	memcpy(&sb, sbbuf + best * SECTOR, sizeof(sb));
+	set_geometry();
+	return 0;
+}
+
+int wal_follow(const char **why)
+{
+	int r = read_superblock(why);
+
+	followed.valid = 0;
+	if (r)
+		return r < 0 ? -1 : 0;	/* a blank disk: nothing to follow */
+	fresh_cursor(&followed.at);
+	if (replay(&followed.at, why)) {
+		kv_clear();
+		return -1;
+	}
+	followed.valid = 1;
+	followed.generation = sb.generation;
+	wlog("webkv: following records=%lu keys=%lu log_bytes=%lu generation=%lu\n",
+	     followed.at.records, (unsigned long)kv_count(), followed.at.end, sb.generation);
 	return 0;
 }
 
@@ -275,61 +357,56 @@ static int recover(const char **why)
 
 int wal_open(const char **why)
 {
-	uint64_t cap, t0 = uclock_ns(), t_init, t_sb, t_rec;
-	int best = -1;
+	uint64_t t0 = uclock_ns(), t_sb, t_rec;
+	struct cursor at;
+	int r, continued = 0;
 
 	failed = 0;
 	state = W_IDLE;
 	reserved = 0;
-	if (!iobuf) {
-		iobuf = ualloc(IOBUF_SIZE, 4096);
-		sbbuf = ualloc(2 * SECTOR, 4096);
-		if (!iobuf || !sbbuf)
-			return *why = "out-of-memory", -1;
+	r = read_superblock(why);
+	if (r >= 0 && disk.read_only) {
+		*why = "disk-read-only";
+		r = -1;
 	}
-	if (vblk_init(&disk, 0)) {
-		*why = disk.dev.regs ? "disk-init" : "no-disk";
+	if (r < 0) {
+		followed.valid = 0;
+		if (disk.dev.regs)
+			vblk_stop(&disk);
 		return -1;
 	}
-	t_init = uclock_ns();
-	if (disk.read_only)
-		return *why = "disk-read-only", vblk_stop(&disk), -1;
-	cap = disk.capacity;
-	if (cap < LOG_BASE + 2 * (MIN_HALF / SECTOR))
-		return *why = "disk-too-small", vblk_stop(&disk), -1;
-	if (sync_io(VBLK_T_IN, 0, sbbuf, 2 * SECTOR) != VBLK_S_OK)
-		return *why = "disk-io", vblk_stop(&disk), -1;
-	for (int i = 0; i < 2; i++)
-		if (sb_valid(sbbuf + i * SECTOR, cap) &&
-		    (best < 0 || ((struct sb *)(sbbuf + i * SECTOR))->generation >
-				 ((struct sb *)(sbbuf + best * SECTOR))->generation))
-			best = i;
-	if (best >= 0) {
-		memcpy(&sb, sbbuf + best * SECTOR, sizeof(sb));
-	} else {
-		for (int i = 0; i < 2 * SECTOR; i++)
-			if (sbbuf[i])
-				return *why = "bad-superblock", vblk_stop(&disk), -1;
+	if (r == 1) {
 		memset(&sb, 0, sizeof(sb));
 		memcpy(sb.magic, SB_MAGIC, 8);
 		sb.version = SB_VERSION;
 		sb.generation = 1;
 		sb.epoch = 0;
 		sb.log_base = LOG_BASE;
-		sb.half_sectors = ((cap - LOG_BASE) / 2) & ~7ULL;
 		sb.active = 0;
 		sb.start_seq = 1;
+		sb.half_sectors = ((disk.capacity - LOG_BASE) / 2) & ~7ULL;
 		if (sb_write_sync())
 			return *why = "disk-io", vblk_stop(&disk), -1;
-		uprintf("webkv: formatted half_sectors=%lu\n", sb.half_sectors);
+		set_geometry();
+		wlog("webkv: formatted half_sectors=%lu\n", sb.half_sectors);
 	}
-	set_geometry();
 	t_sb = uclock_ns();
-	if (recover(why)) {
+	if (followed.valid && followed.generation == sb.generation) {
+		at = followed.at;	/* nothing replayed so far has changed: go on from there */
+		continued = 1;
+	} else {
+		fresh_cursor(&at);
+	}
+	followed.valid = 0;
+	if (replay(&at, why)) {
 		kv_clear();
 		vblk_stop(&disk);
 		return -1;
 	}
+	wal_stats.recovered_records = at.records;
+	wal_stats.recovered_bytes = at.end;
+	tail = up(at.end, SECTOR);
+	next_seq = at.expect;
 	t_rec = uclock_ns();
 	/* A new epoch before anything is appended. */
 	sb.epoch++;
@@ -341,10 +418,10 @@ int wal_open(const char **why)
 	}
 	is_open = 1;
 	wlog("webkv: recovered records=%lu keys=%lu log_bytes=%lu ignored_tail=%d epoch=%lu half=%u "
-		"init_us=%lu sb_us=%lu replay_us=%lu commit_us=%lu\n",
-		wal_stats.recovered_records, (unsigned long)kv_count(), wal_stats.recovered_bytes,
-		wal_stats.torn_tail, sb.epoch, sb.active, (t_init - t0) / 1000, (t_sb - t_init) / 1000,
-		(t_rec - t_sb) / 1000, (uclock_ns() - t_rec) / 1000);
+	     "continued=%d open_us=%lu replay_us=%lu commit_us=%lu\n",
+	     wal_stats.recovered_records, (unsigned long)kv_count(), wal_stats.recovered_bytes,
+	     wal_stats.torn_tail, sb.epoch, sb.active, continued, (t_sb - t0) / 1000,
+	     (t_rec - t_sb) / 1000, (uclock_ns() - t_rec) / 1000);
 	return 0;
 }
 

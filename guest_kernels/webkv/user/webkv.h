@@ -105,6 +105,7 @@ extern struct vblk disk;
 /* Set up the disk (reset, negotiate), read or create the superblock, replay the
  * log into the index, start a new epoch.  0, or -1 with *why set. */
 int wal_open(const char **why);
+int wal_follow(const char **why);	/* standby: replay what is there, read-only */
 /* Stop using the disk (no request in flight): reset the device. */
 void wal_close(void);
 int wal_is_open(void);

@@ -9,6 +9,12 @@ RAM with preadv/pwritev straight into the descriptor windows (no copies).
 Every request either completes with a status byte (OK, IOERR for I/O errors and
 requests outside the disk, UNSUPP for unknown types) or, when it has nowhere to put a
 status byte, is returned to the driver with length 0 and logged.
+
+Shared disks: several devices (one per OS instance) can front one image file under a
+``WriteLease``, like a cluster's shared disk with fencing. Every front-end may read;
+only the lease holder may write, and a write by any other fails with IOERR. Moving
+the lease waits for a write in progress, so after ``grant`` returns the old holder
+can change nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +51,18 @@ _HEADER = struct.Struct("<IIQ")
 _IOV_MAX = 1024
 
 
+class WriteLease:
+    """Which front-end of a shared image may write it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held by a write in progress
+        self.holder: VirtioBlk | None = None
+
+    def grant(self, device: VirtioBlk | None) -> None:
+        with self.lock:
+            self.holder = device
+
+
 class VirtioBlk(VirtioBackend):
     device_id = VIRTIO_ID_BLOCK
 
@@ -54,10 +72,12 @@ class VirtioBlk(VirtioBackend):
         read_only: bool = False,
         serial: str | None = None,
         queue_size: int = QUEUE_SIZE,
+        lease: WriteLease | None = None,
     ) -> None:
         super().__init__()
         self.path = path
         self.read_only = read_only
+        self.lease = lease
         self._fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         self.capacity = os.fstat(self._fd).st_size // SECTOR  # a partial last sector is unused
         name = serial if serial is not None else os.path.basename(path)
@@ -180,6 +200,14 @@ class VirtioBlk(VirtioBackend):
             return VIRTIO_BLK_S_IOERR
         if write and self.read_only:
             return VIRTIO_BLK_S_IOERR
+        if write and self.lease is not None:
+            with self.lease.lock:
+                if self.lease.holder is not self:
+                    return VIRTIO_BLK_S_IOERR  # fenced: another instance owns the disk
+                return self._io(sector, views, write)
+        return self._io(sector, views, write)
+
+    def _io(self, sector: int, views: list[memoryview], write: bool) -> int:
         offset = sector * SECTOR
         io = os.pwritev if write else os.preadv
         try:
