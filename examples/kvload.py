@@ -28,7 +28,11 @@ class KvLoad:
     (GIL, garbage collection) cannot delay another's, so a long request is the
     server's doing. Results are collected when ``stop`` returns."""
 
-    def __init__(self, port: int, clients: int = 8, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, port: int, clients: int = 8, host: str = "127.0.0.1", rate: float = 0.0
+    ) -> None:
+        """``rate``: requests per second per client (0: each client sends its next
+        request as soon as it has the answer, which keeps the server saturated)."""
         self.host, self.port = host, port
         self.acked: dict[str, bytes] = {}
         self.failures: list[str] = []
@@ -39,7 +43,7 @@ class KvLoad:
         self._pipes = [context.Pipe(duplex=False) for _ in range(clients)]
         self._processes = [
             context.Process(
-                target=run_client, args=(host, port, i, self._stop, sender), daemon=True
+                target=run_client, args=(host, port, i, self._stop, sender, rate), daemon=True
             )
             for i, (_, sender) in enumerate(self._pipes)
         ]
@@ -86,15 +90,21 @@ def _send(conn, method: str, path: str, body: bytes | None) -> tuple[int, bytes]
     return response.status, response.read()
 
 
-def run_client(host: str, port: int, index: int, stop, results) -> None:
-    """One client's loop (in its own process): PUT a unique key, GET it back."""
+def run_client(host: str, port: int, index: int, stop, results, rate: float = 0.0) -> None:
+    """One client's loop (in its own process): PUT a unique key, GET it back; at
+    ``rate`` requests per second if given (a missed slot is not made up)."""
     samples: list[tuple[str, float, float]] = []
     acked: dict[str, bytes] = {}
     failures: list[str] = []
     reconnects = 0
     conn = _connect(host, port)
     n = 0
+    interval = 2 / rate if rate > 0 else 0.0  # a PUT and a GET per round
+    next_round = time.monotonic()
     while not stop.is_set():
+        if interval:
+            next_round = max(next_round + interval, time.monotonic() - interval)
+            time.sleep(max(0.0, next_round - time.monotonic()))
         key, value = f"load{index}-{n}", f"value-{index}-{n}-{time.time_ns()}".encode()
         n += 1
         try:

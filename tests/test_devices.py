@@ -85,6 +85,19 @@ def test_fifo_bits_divisor_latch_and_scratch(uart):
     assert rd(dev, u.SCR) == 0x5A
 
 
+def test_64_byte_fifo_mode_is_set_only_with_dlab_as_on_a_16750(uart):
+    dev, _ = uart
+    wr(dev, u.IIR_FCR, u.FCR_ENABLE_FIFO | u.FCR_64BYTE)  # without DLAB: ignored
+    assert rd(dev, u.IIR_FCR) & 0xE0 == 0xC0
+    wr(dev, u.LCR, u.LCR_DLAB | 3)
+    wr(dev, u.IIR_FCR, u.FCR_ENABLE_FIFO | u.FCR_64BYTE)
+    wr(dev, u.LCR, 3)
+    wr(dev, u.IIR_FCR, u.FCR_ENABLE_FIFO)  # bit 5 keeps its value without DLAB
+    assert rd(dev, u.IIR_FCR) & 0xE0 == 0xE0
+    wr(dev, u.IIR_FCR, 0)  # FIFOs off: no FIFO bits at all
+    assert rd(dev, u.IIR_FCR) & 0xE0 == 0
+
+
 def test_loopback_returns_transmitted_bytes(uart):
     dev, rec = uart
     wr(dev, u.MCR, u.MCR_LOOP | 0x0F)

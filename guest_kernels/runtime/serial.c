@@ -1,8 +1,8 @@
 /*
  * 16550 UART console.  Every port access is a VM exit, so transmit fills the
- * 16-byte FIFO after each LSR.THRE (like Linux's 8250 tx_loadsz) instead of
- * polling LSR per byte, and does it with one `rep outsb`: KVM turns that into
- * a single KVM_EXIT_IO with io.count = up to 16 (the VMM must honour count).
+ * FIFO after each LSR.THRE (like Linux's 8250 tx_loadsz) instead of polling LSR
+ * per byte, and does it with one `rep outsb`: KVM turns that into a single
+ * KVM_EXIT_IO with io.count = up to 16 (64 on a 16750; the VMM must honour count).
  */
 #include "runtime.h"
 
@@ -15,6 +15,7 @@
 #define LSR_DR		0x01
 #define LSR_THRE	0x20
 #define FIFO_SIZE	16
+#define FIFO64_SIZE	64
 
 uint16_t console_port = COM1;
 static unsigned tx_load = 1;		/* bytes to write per LSR.THRE: 16 with the FIFO on */
@@ -36,8 +37,13 @@ void serial_init(uint16_t port)
 	if (inb(port + LSR) & LSR_DR) {
 		tx_load = 1;
 	} else {
+		/* A TI 16750 (pyvmm's UART) takes FCR bit 5, 64-byte FIFOs, only while
+		 * DLAB is on, and shows it in IIR bit 5; a 16550A (QEMU's) ignores it. */
+		outb(port + LCR, 0x83);
+		outb(port + IIR, 0x27);	/* FCR: FIFO on, clear both, 64 bytes */
+		outb(port + LCR, 0x03);
 		outb(port + IIR, 0x07);	/* FCR: FIFO on, clear both, RX trigger 1 byte */
-		tx_load = FIFO_SIZE;
+		tx_load = inb(port + IIR) & 0x20 ? FIFO64_SIZE : FIFO_SIZE;
 	}
 	outb(port + MCR, 0x03);		/* DTR | RTS */
 	tx_room = 0;

@@ -1,4 +1,7 @@
-"""16550A UART: enough for polling and interrupt-driven drivers (Linux 8250 included).
+"""16550A UART: enough for polling and interrupt-driven drivers (Linux 8250 included),
+with the TI 16750's 64-byte FIFO mode (FCR bit 5, set while DLAB is on; IIR bit 5
+says it is on), which lets a driver send 64 bytes per LSR check instead of 16: every
+register access is a VM exit.
 
 Transmission is instantaneous, so THR is always empty. Received bytes queue on
 the host side without limit in the model, and the feeding thread is held back
@@ -43,9 +46,11 @@ IIR_THRI = 0x02
 IIR_RDI = 0x04
 IIR_RLSI = 0x06
 IIR_FIFO_ENABLED = 0xC0
+IIR_64BYTE_FIFO = 0x20
 
 FCR_ENABLE_FIFO = 0x01
 FCR_CLEAR_RCVR = 0x02
+FCR_64BYTE = 0x20
 
 LCR_DLAB = 0x80
 MCR_LOOP = 0x10
@@ -80,6 +85,7 @@ class Uart16550(Device):
         self._dll = 0x0C
         self._dlm = 0
         self._fifo = False
+        self._fifo64 = False  # 16750 mode: only changed by an FCR write with DLAB on
         self._thr_pending = False  # THRE interrupt latched until IIR read or THR write
         self._irq_level = False
         self.closed = False
@@ -135,7 +141,9 @@ class Uart16550(Device):
             if iir == IIR_THRI:
                 self._thr_pending = False  # reading IIR clears a THRE interrupt
                 self._update_irq()
-            return iir | (IIR_FIFO_ENABLED if self._fifo else 0)
+            if not self._fifo:
+                return iir
+            return iir | IIR_FIFO_ENABLED | (IIR_64BYTE_FIFO if self._fifo64 else 0)
         if reg == LCR:
             return self._lcr
         if reg == MCR:
@@ -170,6 +178,8 @@ class Uart16550(Device):
                 self._update_irq()
         elif reg == IIR_FCR:
             self._fifo = bool(value & FCR_ENABLE_FIFO)
+            if dlab:
+                self._fifo64 = bool(value & FCR_64BYTE)
             if value & FCR_CLEAR_RCVR:
                 self._rx.clear()
                 self._room.notify_all()

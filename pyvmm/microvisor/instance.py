@@ -25,6 +25,8 @@ class OsInstance:
         # Interrupt lines (by GSI) asserted while it was switched out.
         self.held: set[int] = set()
         self.paused = False  # not scheduled at all; its interrupts are held meanwhile
+        # Its time slice when another instance has work (None: the microvisor's).
+        self.slice_s: float | None = None
         self.halted = False  # halted with nothing pending, as of its last switch-out
         self.wake_at: float | None = None  # when its own timer fires, if halted
         self.slices = 0

@@ -47,6 +47,7 @@ PHASES = (
     "devirtualize",
 )
 DEFAULT_TIMEOUTS = {"boot": 10.0, "ready": 20.0, "release": 10.0, "acquire": 20.0}
+STANDBY_SLICE_S = 0.002
 FAULTS = ("boot-fails", "crash-after-ready", "never-serving", "release-refused", "phase-timeout")
 
 
@@ -211,6 +212,9 @@ class Upgrade:
         cmdline = f"{console} role=standby name={name}{fault} {self.cmdline}".strip()
         # The name of a retired instance can be reused.
         self.b = self.mv.start(kernel, cmdline, name=name)
+        # Until it serves, B is background work: short turns, so A's clients wait at
+        # most one of them whenever B preempts a busy A.
+        self.b.slice_s = STANDBY_SLICE_S
 
     def _ready(self) -> None:
         deadline = time.monotonic() + self.timeouts["ready"]
@@ -263,6 +267,7 @@ class Upgrade:
             raise UpgradeFailed("acquire", "the new instance never reported serving") from None
         if not reply.startswith("serving"):
             raise UpgradeFailed("acquire", f"the new instance answered {reply!r}")
+        self.b.slice_s = None
 
     def _retire(self) -> None:
         self.agents.pop("a").close()

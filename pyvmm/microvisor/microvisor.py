@@ -369,7 +369,7 @@ class Microvisor:
         now = time.monotonic()
         others = [i for i in self.live() if i is not running and not i.paused]
         if any(self._has_work(i, now) for i in others):
-            self._alarm.set(now + self.slice_s, self._preempt)
+            self._alarm.set(now + (running.slice_s or self.slice_s), self._preempt)
             return
         wakes = [i.wake_at for i in others if i.wake_at is not None]
         if wakes:

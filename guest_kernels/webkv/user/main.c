@@ -90,7 +90,7 @@ void wlog(const char *fmt, ...)
 		va_start(ap, fmt);
 		n = kvsnprintf(wlog_buf + wlog_len, sizeof(wlog_buf) - wlog_len, fmt, ap);
 		va_end(ap);
-		if (n >= 0 && wlog_len + n < sizeof(wlog_buf)) {
+		if (n >= 0 && wlog_len + n < sizeof(wlog_buf) / 2) {
 			wlog_len += n;
 			return;
 		}
@@ -212,11 +212,11 @@ static __attribute__((noreturn)) void loop(void)
 		if (releasing)
 			check_release();
 		vs_flush(&vs, now_ns);
-		wlog_flush();
 		http_reap();
 		timers();
 		if (work)
 			continue;
+		wlog_flush();	/* idle: a good time for console lines */
 		/* Sleep unless something arrived while interrupts were off. */
 		work = vs_arm(&vs);
 		work |= wal_arm();

@@ -138,9 +138,9 @@ void agent_reply_all(int which, const char *line);
 
 /* main.c: the agent's commands */
 int begin_release(void);
-/* Console lines that can wait: queued, and written by the loop after it has sent
- * what it owes the host (wlog_flush), because every console write is a system call
- * and a few exits per 16 bytes, ~1 ms for a long line: not in the hand-off path. */
+/* Console lines that can wait: queued, and written when the loop has nothing else
+ * to do (or 2 KiB are waiting), because every console write is a system call and
+ * two exits per 16 bytes, ~1-2 ms for a long line: not in the hand-off path. */
 __attribute__((format(printf, 1, 2))) void wlog(const char *fmt, ...);
 void wlog_flush(void);		/* 1 already released, 0 reply later, -1 refused (fault) */
 int do_acquire(char *reply, size_t size);	/* 0 serving, -1 error, 1 no reply (fault) */
