@@ -137,6 +137,10 @@ class ControlServer:
         self._thread.start()
 
     def _accept(self) -> None:
+        if self.services is not None:
+            # Import now what an upgrade needs: ~10 ms of GIL-holding imports would
+            # otherwise stall the running service at the first upgrade's start.
+            from .microvisor import maintenance  # noqa: F401
         while not self._closed:
             try:
                 conn, _ = self._sock.accept()
