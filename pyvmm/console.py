@@ -36,11 +36,12 @@ class Console:
         self._pending = bytearray(rest)
         self._write(b"".join(self.label + line + b"\n" for line in complete.split(b"\n")))
 
-    def flush(self) -> None:
-        """Write a partial line held back in line mode."""
+    def flush(self, end_line: bool = False) -> None:
+        """Write a partial line held back in line mode (ended, if nothing will
+        complete it)."""
         if self._pending:
             pending, self._pending = bytes(self._pending), bytearray()
-            self._write(self.label + pending)
+            self._write(self.label + pending + (b"\n" if end_line else b""))
 
 
 def write_stdout(data: bytes) -> None:

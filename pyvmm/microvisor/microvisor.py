@@ -219,9 +219,12 @@ class Microvisor:
             self.router.detach()
         self.machine.pio, self.machine.mmio = self._node_pio_bus, self._node_mmio_bus
         self._alarm.set(None)
-        for console in self.machine.consoles.values():
+        ours = f"com{survivor.partition.index + 1}"
+        for name, console in self.machine.consoles.items():
             console.line_mode = False
-            if not console.label:
+            if name != ours:
+                console.flush(end_line=True)  # a retired instance's last words
+            elif not console.label:
                 console.flush()  # raw from here on: the rest of the line follows
             # A labelled console keeps whole lines: its partial line waits for the rest.
         self.mode = DEVIRTUALIZED

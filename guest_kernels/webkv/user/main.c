@@ -130,6 +130,7 @@ static void check_release(void)
 	role = ROLE_RELEASED;
 	wlog("webkv: released keys=%lu us=%lu\n", (unsigned long)kv_count(),
 		(unsigned long)((uclock_ns() - release_start) / 1000));
+	wlog_flush();	/* now: the host pauses us once it has our answer */
 	agent_reply_all(AGENT_WAIT_RELEASE, "released");
 }
 
