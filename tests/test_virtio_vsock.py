@@ -664,13 +664,17 @@ def test_connections_wait_until_the_driver_is_ready(nodes):
     assert recv_exactly(sock, 5) == b"early"
 
 
-def test_handoff_between_devices(nodes):
-    a, b = nodes(), nodes()
-    ga = a.boot()
-    ga.listening[PORT] = "echo"
-    gb = b.boot()
+def two_services(nodes, mode_a: str = "echo", **device_a):
+    """Devices A and B with guests listening on PORT, and a listener on A."""
+    a, b = nodes(**device_a), nodes()
+    ga, gb = a.boot(), b.boot()
+    ga.listening[PORT] = mode_a
     gb.listening[PORT] = "echo"
-    listener = listen(nodes, a.device)
+    return a, ga, b, gb, listen(nodes, a.device)
+
+
+def test_handoff_between_devices(nodes):
+    a, ga, b, gb, listener = two_services(nodes)
     old = client(listener)
     old.sendall(b"on A")
     assert recv_exactly(old, 4) == b"on A"
@@ -692,12 +696,8 @@ def test_handoff_between_devices(nodes):
 
 
 def test_unanswered_requests_move_with_the_listener(nodes):
-    a, b = nodes(), nodes()
-    ga = a.boot()
-    ga.listening[PORT] = "mute"  # receives the REQUEST but never answers
-    gb = b.boot()
-    gb.listening[PORT] = "echo"
-    listener = listen(nodes, a.device)
+    # A receives the REQUEST but never answers.
+    _, ga, b, _, listener = two_services(nodes, "mute")
     sock = client(listener)
     sock.sendall(b"moved")
     ga.wait(lambda: any(op == v.OP_REQUEST for op, _, _ in ga.packets))
@@ -709,12 +709,7 @@ def test_unanswered_requests_move_with_the_listener(nodes):
 
 
 def test_handed_back_connection_moves_with_its_unread_request(nodes):
-    a, b = nodes(), nodes()
-    ga = a.boot()
-    ga.listening[PORT] = "echo"
-    gb = b.boot()
-    gb.listening[PORT] = "echo"
-    listener = listen(nodes, a.device)
+    a, ga, b, gb, listener = two_services(nodes)
     sock = client(listener)
     sock.sendall(b"one")
     assert recv_exactly(sock, 3) == b"one"
@@ -740,13 +735,10 @@ def test_handed_back_connection_moves_with_its_unread_request(nodes):
 
 
 def test_reply_still_in_flight_is_delivered_after_a_hand_back(nodes):
-    a, b = nodes(buf_alloc=16 << 20), nodes()
-    ga = a.boot()
-    ga.source_data = os.urandom(16 << 20)
-    ga.listening[PORT] = "handback"  # sends 16 MiB, then hands the stream back
-    gb = b.boot()
-    gb.listening[PORT] = "echo"
-    listener = listen(nodes, a.device)
+    # A sends 16 MiB, then hands the stream back.
+    a, ga, b, _, listener = two_services(nodes, "handback", buf_alloc=16 << 20)
+    with ga.lock:
+        ga.source_data = os.urandom(16 << 20)
     sock = client(listener)  # does not read yet: most of the reply waits in the host
     ga.wait(lambda: ga.conns)
     listener.detach()
