@@ -138,7 +138,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def longest_stall_ms(samples: list[Sample]) -> float:
-    """The longest time any request waited: what a client saw of the hand-off."""
+    """The longest time any of these requests waited."""
     return max((s.ms for s in samples), default=0.0)
 
 

@@ -44,7 +44,7 @@ def main() -> None:
         print(
             f"failed requests: {report['failed_requests']}   lost writes: "
             f"{report['lost_writes']} of {report['acknowledged_writes']}   longest stall: "
-            f"{report['max_stall_ms']:.1f} ms"
+            f"{report['max_stall_ms']:.1f} ms during the upgrade and rollback"
         )
     clean = report["failed_requests"] == 0 and report["lost_writes"] == 0
     sys.exit(0 if clean and up.get("rolled_back") and up["after"] == "v1" else 1)
