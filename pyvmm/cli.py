@@ -198,8 +198,12 @@ def upgrade(
     as_json: JsonOption = False,
 ) -> None:
     """Upgrade the running instance online to the kernel given by --to."""
+    import os
     import time
 
+    # This process only watches: at the hand-off its printing and exit must not take
+    # a core from the service (on a two-core node that shows as client stalls).
+    os.nice(10)
     started = time.monotonic()
     timeouts: dict[str, float] = {}
     for item in timeout or ():

@@ -4,8 +4,11 @@
 event, through an irqfd) serves virtio devices, so a device interrupt costs no vCPU
 exit and no ioctl. Both share one shape for the microvisor: ``deliver(level)`` is
 the path a change takes, ``to_kvm`` the direct one, and the microvisor swaps
-``deliver`` while virtualized. ``NotifyPoller`` turns ioeventfd-signalled queue
-notifications into calls on a device, on its own thread.
+``deliver`` while virtualized. The microvisor injects with ``inject``, which has
+reached the irqchip when it returns: KVM injects an irqfd signal into an IOAPIC pin
+later, from a work queue, and by then a world switch may have put another
+instance's irqchip in place, which would swallow it. ``NotifyPoller`` turns
+ioeventfd-signalled queue notifications into calls on a device, on its own thread.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class IrqLine:
     def to_kvm(self, level: bool) -> None:
         self._vm.irq_line(self.gsi, int(level))
 
+    inject = to_kvm  # KVM_IRQ_LINE is synchronous
+
     def close(self) -> None:
         pass
 
@@ -57,6 +62,12 @@ class IrqfdLine:
     def to_kvm(self, level: bool) -> None:
         if level:
             os.eventfd_write(self.fd, 1)
+
+    def inject(self, level: bool) -> None:
+        """The edge, in the irqchip before this returns (two ioctls)."""
+        if level:
+            self._vm.irq_line(self.gsi, 1)
+            self._vm.irq_line(self.gsi, 0)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -51,7 +51,7 @@ class IrqRouter:
         with self.lock:
             owner = self._owner.get(line.gsi)
             if not level or owner is self.current:
-                line.to_kvm(level)
+                line.inject(level)
                 return
             if owner is None:
                 return  # nobody owns the device: the interrupt goes nowhere
@@ -65,7 +65,7 @@ class IrqRouter:
             line = self._lines.get(gsi)
             if line is None:
                 continue
-            line.to_kvm(True)
+            line.inject(True)
             if not line.level:  # a pulse that is over: deliver its edge all the same
-                line.to_kvm(False)
+                line.inject(False)
         instance.held.clear()

@@ -22,6 +22,10 @@
 #define VBLK_S_IOERR		1
 #define VBLK_S_UNSUPP		2
 #define VBLK_S_BADLEN		0x100	/* ours: the device returned too few bytes */
+/* A disk request usually completes within a millisecond or two: poll that long
+ * before sleeping for the interrupt (which costs an interrupt entry at CPL0, and two
+ * register exits to acknowledge it). */
+#define VBLK_SPIN_NS		2000000ULL
 #define VIRTIO_BLK_F_RO		(1ULL << 5)
 #define VIRTIO_BLK_F_FLUSH	(1ULL << 9)
 #define VBLK_QUEUE		64

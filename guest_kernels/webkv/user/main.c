@@ -217,6 +217,8 @@ static __attribute__((noreturn)) void loop(void)
 		timers();
 		if (work)
 			continue;
+		if (wal_spin())
+			continue;	/* the disk (or a client) answered: no interrupt needed */
 		wlog_flush();	/* idle: a good time for console lines */
 		/* Sleep unless something arrived while interrupts were off. */
 		work = vs_arm(&vs);
