@@ -31,6 +31,7 @@ _MADV_DONTNEED = 4
 _MADV_DONTFORK = 10
 _MADV_HUGEPAGE = 14
 HUGE_PAGE = 2 * MiB
+_BIG_COPY = 64 << 10  # bytes from which a write lets go of the GIL
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [
@@ -130,7 +131,13 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.check(gpa, len(data))
-        self._view[gpa : gpa + len(data)] = data
+        if len(data) >= _BIG_COPY and isinstance(data, bytes):
+            # Copying a kernel image into pages not touched before faults them in,
+            # which can take tens of ms; through ctypes the other threads (a running
+            # instance's devices) go on meanwhile.
+            ctypes.memmove(self.host_address + gpa, data, len(data))
+        else:
+            self._view[gpa : gpa + len(data)] = data
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         self.check(gpa, length)
