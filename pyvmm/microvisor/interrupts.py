@@ -52,6 +52,8 @@ class IrqRouter:
             owner = self._owner.get(line.gsi)
             if not level or owner is self.current:
                 line.inject(level)
+                if level and owner is not None:
+                    owner.injected.add(line.gsi)
                 return
             if owner is None:
                 return  # nobody owns the device: the interrupt goes nowhere
@@ -61,6 +63,7 @@ class IrqRouter:
     def switched_in(self, instance: OsInstance) -> None:
         """Replay what was held for ``instance``; called with ``lock`` held."""
         self.current = instance
+        instance.injected.clear()
         for gsi in sorted(instance.held):
             line = self._lines.get(gsi)
             if line is None:
