@@ -139,14 +139,12 @@ int vblk_sync(struct vblk *b, uint32_t type, uint64_t sector, void *buf, uint32_
 	void *cookie = NULL, *want = &cookie;
 	int st;
 
-	uint64_t spin_until;
+	struct virtq *q = &b->q;
 
 	if (vblk_submit(b, type, sector, buf, len, want))
 		return VBLK_S_IOERR;
 	vblk_kick(b);
-	spin_until = uclock_ns() + VBLK_SPIN_NS;
-	while (!virtq_has_used(&b->q) && uclock_ns() < spin_until)
-		__asm__ volatile("pause");
+	virtq_poll_used(&q, 1, VBLK_SPIN_NS);
 	for (;;) {
 		while ((st = vblk_complete(b, &cookie)) >= 0)
 			if (cookie == want)

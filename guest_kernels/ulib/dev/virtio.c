@@ -397,6 +397,19 @@ void *virtq_get(struct virtq *q, uint32_t *len)
 	return cookie;
 }
 
+int virtq_poll_used(struct virtq *const *qs, int n, uint64_t ns)
+{
+	uint64_t until = uclock_ns() + ns;
+
+	do {
+		for (int i = 0; i < n; i++)
+			if (virtq_has_used(qs[i]))
+				return 1;
+		__asm__ volatile("pause");
+	} while (uclock_ns() < until);
+	return 0;
+}
+
 void virtq_intr(struct virtq *q, int on)
 {
 	if (on == !q->intr_off)

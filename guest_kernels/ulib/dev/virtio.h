@@ -145,6 +145,9 @@ static inline int virtq_has_used(struct virtq *q)
 /* Interrupt suppression (VIRTQ_AVAIL_F_NO_INTERRUPT).  virtq_intr(q, 1) clears
  * it with a full fence; check virtq_has_used() afterwards before sleeping. */
 void virtq_intr(struct virtq *q, int on);
+/* Spin (at CPL3, no exits) until one of the queues has used buffers or ns have
+ * passed; 1 if one has. */
+int virtq_poll_used(struct virtq *const *qs, int n, uint64_t ns);
 /* Entries the device has not returned yet. */
 static inline unsigned virtq_outstanding(const struct virtq *q)
 {

@@ -134,6 +134,20 @@ static void check_release(void)
 	agent_reply_all(AGENT_WAIT_RELEASE, "released");
 }
 
+/* Mount the log and take requests: at start-up as primary, or on acquire. */
+static int start_serving(const char **why)
+{
+	if (wal_open(why)) {
+		wlog("webkv: error=%s\n", *why);
+		return -1;
+	}
+	serving = 1;
+	role = ROLE_PRIMARY;
+	vs_listen_accept(&vs, HTTP_PORT, 1);
+	wlog("webkv: serving keys=%lu\n", (unsigned long)kv_count());
+	return 0;
+}
+
 int do_acquire(char *reply, size_t size)
 {
 	const char *why = "unknown";
@@ -144,16 +158,9 @@ int do_acquire(char *reply, size_t size)
 	}
 	if (!serving && fault_fires(FAULT_NEVER_SERVING))
 		return 1;		/* no answer and no service, ever */
-	if (!serving) {
-		if (wal_open(&why)) {
-			wlog("webkv: error=%s\n", why);
-			ksnprintf(reply, size, "error %s", why);
-			return -1;
-		}
-		serving = 1;
-		role = ROLE_PRIMARY;
-		vs_listen_accept(&vs, HTTP_PORT, 1);
-		wlog("webkv: serving keys=%lu\n", (unsigned long)kv_count());
+	if (!serving && start_serving(&why)) {
+		ksnprintf(reply, size, "error %s", why);
+		return -1;
 	}
 	ksnprintf(reply, size, "serving keys=%lu", (unsigned long)kv_count());
 	return 0;
@@ -217,8 +224,13 @@ static __attribute__((noreturn)) void loop(void)
 		timers();
 		if (work)
 			continue;
-		if (wal_spin())
-			continue;	/* the disk (or a client) answered: no interrupt needed */
+		if (wal_in_flight()) {
+			/* The disk usually answers within VBLK_SPIN_NS: poll rather than
+			 * sleep for its interrupt (an entry at CPL0 and two exits). */
+			struct virtq *qs[] = { &disk.q, &vs.rxq };
+			if (virtq_poll_used(qs, 2, VBLK_SPIN_NS))
+				continue;
+		}
 		wlog_flush();	/* idle: a good time for console lines */
 		/* Sleep unless something arrived while interrupts were off. */
 		work = vs_arm(&vs);
@@ -253,14 +265,7 @@ int umain(void)
 	vs_listen(&vs, AGENT_PORT, 1);
 	vs_listen(&vs, HTTP_PORT, 0);
 	if (!standby) {
-		if (wal_open(&why)) {
-			wlog("webkv: error=%s\n", why);
-		} else {
-			serving = 1;
-			role = ROLE_PRIMARY;
-			vs_listen_accept(&vs, HTTP_PORT, 1);
-			wlog("webkv: serving keys=%lu\n", (unsigned long)kv_count());
-		}
+		start_serving(&why);
 	} else if (wal_follow(&why)) {	/* read ahead now, so acquiring is quick */
 		wlog("webkv: warning=cannot-follow error=%s\n", why);
 	}

@@ -682,20 +682,7 @@ int wal_poll(void)
 
 int wal_arm(void) { return is_open ? vblk_arm(&disk) : 0; }
 
-int wal_spin(void)
-{
-	uint64_t until;
-
-	if (!is_open || state == W_IDLE)
-		return 0;
-	until = uclock_ns() + VBLK_SPIN_NS;
-	while (uclock_ns() < until) {
-		if (virtq_has_used(&disk.q) || virtq_has_used(&vs.rxq))
-			return 1;
-		__asm__ volatile("pause");
-	}
-	return 0;
-}
+int wal_in_flight(void) { return is_open && state != W_IDLE; }
 void wal_disarm(void) { if (is_open) vblk_disarm(&disk); }
 
 void wal_interrupt(void)

@@ -118,7 +118,7 @@ int wal_poll(void);			/* completions; nonzero if anything happened */
 void wal_pump(void);			/* start the next batch if the disk is idle */
 int wal_idle(void);			/* nothing queued or in flight */
 int wal_arm(void);
-int wal_spin(void);			/* a request in flight: poll a while; 1 if anything came */
+int wal_in_flight(void);		/* a disk request is outstanding */
 void wal_disarm(void);
 void wal_interrupt(void);
 
