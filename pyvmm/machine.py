@@ -236,6 +236,12 @@ class Machine:
         full = f"{with_tsc_khz(cmdline, self.tsc_khz)} {devices}".strip()
         return load_kernel(writer, image, full)
 
+    def partition_devices(self, partition: int) -> list[str]:
+        """The devices that belong to one partition: its console and the virtio
+        devices attached for it alone."""
+        own = [n for n, p in self.virtio_partition.items() if p == partition]
+        return [f"com{partition + 1}", *own]
+
     def virtio_for_partition(self, partition: int) -> list[str]:
         """The devices a partition's kernel is told about: its own and the shared ones."""
         return [name for name, p in self.virtio_partition.items() if p in (None, partition)]

@@ -14,6 +14,11 @@ from .errors import UsageError
 from .machine import Machine
 from .record import Record
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .devices.virtio import HostListener, VirtioBlk, VirtioVsock
+    from .devices.virtio.blk import WriteLease
+
 FIRST_GUEST_CID = 3
 
 
@@ -43,23 +48,24 @@ class ServiceDevices:
     """What ``add_service_devices`` installed, for the maintenance protocol to move."""
 
     def __init__(self) -> None:
-        self.vsocks: list[object] = []  # VirtioVsock backends, by partition
-        self.disks: list[object] = []  # VirtioBlk front-ends of the disk, by partition
-        self.lease: object | None = None  # their WriteLease
-        self.listeners: list[object] = []  # HostListeners, on vsock0 at first
+        self.vsocks: list[VirtioVsock] = []  # by partition
+        self.disks: list[VirtioBlk] = []  # front-ends of the one disk, by partition
+        self.lease: WriteLease | None = None  # which of them may write
+        self.listeners: list[HostListener] = []  # on vsock0 at first
 
     def disk_writer(self) -> int | None:
         """The partition whose front-end may write the disk."""
-        holder = getattr(self.lease, "holder", None)
+        holder = None if self.lease is None else self.lease.holder
         return next((i for i, d in enumerate(self.disks) if d is holder), None)
 
     def give_disk(self, partition: int) -> None:
         """Move the write lease; returns once the previous writer can write no more."""
-        self.lease.grant(self.disks[partition])  # type: ignore[union-attr]
+        assert self.lease is not None
+        self.lease.grant(self.disks[partition])
 
     def close(self) -> None:
         for listener in self.listeners:
-            listener.close()  # type: ignore[attr-defined]
+            listener.close()
 
 
 def add_service_devices(
@@ -85,7 +91,7 @@ def add_service_devices(
         lease.grant(devices.disks[0])
     for forward in forwards:
         try:
-            listener = devices.vsocks[0].forward(forward.host, forward.port, forward.guest_port)  # type: ignore[attr-defined]
+            listener = devices.vsocks[0].forward(forward.host, forward.port, forward.guest_port)
         except OSError as exc:
             devices.close()
             raise UsageError(f"--forward {forward}: {exc.strerror or exc}") from None

@@ -63,7 +63,7 @@ class Agent:
 
     def __init__(self, services: ServiceDevices, partition: int, timeout: float) -> None:
         vsock = services.vsocks[partition]
-        self._listener = vsock.forward("127.0.0.1", 0, AGENT_PORT)  # type: ignore[attr-defined]
+        self._listener = vsock.forward("127.0.0.1", 0, AGENT_PORT)
         self._sock = socket.create_connection(self._listener.address, timeout=timeout)
         self._reader = self._sock.makefile("rb")
 

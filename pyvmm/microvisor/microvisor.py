@@ -40,12 +40,6 @@ REQUEST_TIMEOUT_S = 10.0
 T = TypeVar("T")
 
 
-def _own_devices(partition: int) -> tuple[str, ...]:
-    """The devices an instance in ``partition`` has from the start: console, vsock and
-    its front-end of the disk (which it may write only while it holds the lease)."""
-    return (f"com{partition + 1}", f"vsock{partition}", f"blk{partition}")
-
-
 class MicrovisorError(Exception):
     """A request that makes no sense in the current state; nothing was changed."""
 
@@ -78,7 +72,8 @@ class Microvisor:
         self.machine.boot(kernel, cmdline, partition=0)
         partition = self.machine.memory.partitions[0]
         instance = OsInstance(name, partition, copy_state(self.machine.pristine))
-        others = {d for p in self.machine.memory.partitions[1:] for d in _own_devices(p.index)}
+        partitions = self.machine.memory.partitions[1:]
+        others = {d for p in partitions for d in self.machine.partition_devices(p.index)}
         for device, attachment in self.machine.devices.items():
             if not attachment.per_instance and device not in others:
                 self._give(device, instance)
@@ -140,7 +135,9 @@ class Microvisor:
         cpu = copy_state(self.machine.pristine)
         apply_entry_state(cpu.regs, cpu.sregs, booted.entry)
         instance = OsInstance(name, partition, cpu)
-        wanted = {*_own_devices(partition.index), *devices} & set(self.machine.devices)
+        # Its own devices (console, and e.g. its vsock and disk front-end) from the start.
+        own = self.machine.partition_devices(partition.index)
+        wanted = {*own, *devices} & set(self.machine.devices)
         return self._on_vcpu(lambda: self._add(instance, wanted))
 
     def status(self) -> dict[str, object]:
