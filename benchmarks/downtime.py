@@ -2,14 +2,16 @@
 live webkv node under continuous load, on one node.
 
     python benchmarks/downtime.py [--upgrades 10] [--clients 8] [--rate 0]
-                                  [--workdir /dev/shm]
+                                  [--workdir /dev/shm] [--pin]
 
 Reports the longest stall any request saw and the p99 latency during the hand-offs,
 for each upgrade the longest request and the phase it started in, each phase's
 duration, and the failed requests and lost acknowledged writes. The same load
 outside the upgrades is the baseline. ``--rate`` paces each client (requests/s;
 0 = closed loop, the server saturated); ``--workdir`` is where the disk image lives
-(the host file system's fsync latency is part of every PUT).
+(the host file system's fsync latency is part of every PUT). Statistics and the
+machine's state come from benchmarks/harness.py; the median per-upgrade stall has a
+bootstrap 95% CI. ``--pin`` puts the node on one CPU and the clients on the others.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 from common import report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -34,11 +37,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rate", type=float, default=0.0, help="requests/s per client")
     parser.add_argument("--workdir", default=None, help="parent directory of the disk image")
+    parser.add_argument("--pin", action="store_true", help="node and clients on separate CPUs")
     args = parser.parse_args()
+    pinning = harness.Pinning.split(args.pin)
+    state_before = harness.machine_state()
     phase_ms: dict[str, list[float]] = {}
     timelines: list[list[dict]] = []
     totals: list[float] = []
+    pinning.apply_measured()  # the node's processes inherit this
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir, Node(workdir) as node:
+        pinning.apply_load()  # the client threads started next inherit this
         load = KvLoad(node.port, args.clients, rate=args.rate).start()
         time.sleep(1.0)
         for i in range(args.upgrades):
@@ -88,11 +96,17 @@ def main() -> None:
         "per_upgrade": per_upgrade,
         "upgrade_total_ms_median": round(statistics.median(totals), 1),
         "phase_ms_median": {k: round(statistics.median(v), 2) for k, v in phase_ms.items()},
+        "per_upgrade_max_stall_ms": harness.median_ci(stalls, 3),
+        "phase_ms": {k: harness.describe(v, 3) for k, v in phase_ms.items()},
+        "pinning": pinning.to_json(),
+        "machine_before": state_before,
+        "machine_after": harness.machine_state(),
     }
     report(
         result,
         f"downtime: {args.upgrades} upgrades under load: max stall {max(stalls):.1f} ms "
-        f"(goal <= 10; median per upgrade {result['median_of_per_upgrade_max_stall_ms']:.1f}, "
+        f"(goal <= 10; median per upgrade {result['median_of_per_upgrade_max_stall_ms']:.1f} "
+        f"CI {result['per_upgrade_max_stall_ms'].get('median_ci95')}, "
         f"{result['upgrades_within_10ms']} within 10 ms), p99 during upgrades "
         f"{result['p99_during_upgrades_ms']:.1f} ms; baseline max "
         f"{result['baseline_max_ms']:.1f} p99 {result['baseline_p99_ms']:.1f} ms; "
