@@ -1,9 +1,7 @@
-"""The control socket of a running node: newline-delimited JSON over a Unix socket.
-
-Request: one JSON object per line, ``{"op": "<name>", ...arguments}``.
-Reply: one line, ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
-A request that is malformed or makes no sense in the current state gets an error
-reply and changes nothing. The socket is created with mode 0600.
+"""The control socket of a running node: the server side of the protocol that
+``pyvmm.control_client`` defines (newline-delimited JSON over a Unix socket). A
+request that is malformed or makes no sense in the current state gets an error reply
+and changes nothing. The socket is created with mode 0600.
 """
 
 from __future__ import annotations
@@ -16,11 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .control_client import MAX_REQUEST, encode
 from .errors import PyvmmError
 from .microvisor import Microvisor, MicrovisorError
-
-MAX_REQUEST = 64 * 1024
-CLIENT_TIMEOUT_S = 30.0
 
 
 class RequestError(Exception):
@@ -156,18 +152,18 @@ class ControlServer:
                     return
                 if len(line) > MAX_REQUEST:
                     reply = {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                    conn.sendall(encode(reply))
                     return
 
                 def progress(update: dict[str, Any]) -> None:
                     try:
-                        conn.sendall(json.dumps({"progress": update}).encode() + b"\n")
+                        conn.sendall(encode({"progress": update}))
                     except OSError:
                         pass  # the client went away: the upgrade itself goes on
 
                 reply = handle(self.microvisor, line, self.services, progress)
                 try:
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                    conn.sendall(encode(reply))
                 except OSError:
                     return
 
@@ -196,31 +192,3 @@ def _remove_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise PyvmmError(f"{path} is in use by another running node")
-
-
-def request(
-    path: str,
-    op: str,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
-    **arguments: object,
-) -> dict[str, Any]:
-    """Send one request to a node's control socket and return its reply; progress
-    lines that come first go to ``on_progress``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(CLIENT_TIMEOUT_S * 4)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise PyvmmError(f"cannot reach the node at {path}: {exc.strerror}") from None
-        sock.sendall(json.dumps({"op": op, **arguments}).encode() + b"\n")
-        with sock.makefile("rb") as reader:
-            while True:
-                line = reader.readline()
-                if not line:
-                    raise PyvmmError(f"the node at {path} closed the connection")
-                message = json.loads(line)
-                if "progress" in message and "ok" not in message:
-                    if on_progress is not None:
-                        on_progress(message["progress"])
-                    continue
-                return message

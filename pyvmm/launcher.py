@@ -1,11 +1,12 @@
 """Entry point of the ``pyvmm`` command.
 
 ``pyvmm boot`` is timed against QEMU's whole-process boot, and importing typer (with
-the click, rich and pydantic it brings) takes longer than QEMU's entire run. So a
-``boot`` invocation that uses only the documented options is parsed here and run
-without importing typer; anything else (help, other commands, mistakes) goes to the
-typer app in ``cli.py``. Both paths call ``run_boot``, and a test checks that the two
-parsers agree on every option.
+the click, rich and pydantic it brings) takes longer than QEMU's entire run; ``pyvmm
+ctl`` and ``pyvmm upgrade`` are called per node by fleet tools. So a ``boot``, ``ctl``
+or ``upgrade`` invocation that uses only the documented options is parsed here and
+run without importing typer; anything else (help, mistakes) goes to the typer app in
+``cli.py``. Both paths call the same functions (``run_boot``, ``ctl.run_ctl``,
+``ctl.run_upgrade``), and a test checks that the two parsers agree on every option.
 """
 
 from __future__ import annotations
@@ -40,31 +41,102 @@ def parse_size(text: str) -> int:
     return int(digits) * _UNITS[unit]
 
 
-def parse_boot_args(argv: list[str]) -> dict[str, object] | None:
-    """The arguments of a plain ``boot`` command line, or None to let typer handle it."""
-    if not argv or argv[0] != "boot":
-        return None
-    values = {name: default for name, _, default in BOOT_OPTIONS.values()}
-    kernel = None
-    args = iter(argv[1:])
-    for arg in args:
+def _parse(
+    args: list[str], positional: tuple[str, ...], options: dict[str, tuple[str, type, object]]
+) -> dict[str, object] | None:
+    """Positional arguments and options as typer would take them, or None for anything
+    this plain parser does not cover (typer then parses it, or explains the mistake).
+    An option's converter ``bool`` marks a flag, ``list`` a repeatable option."""
+    values = {name: [] if kind is list else default for name, kind, default in options.values()}
+    given: list[str] = []
+    rest = iter(args)
+    for arg in rest:
         option, eq, inline = arg.partition("=")
-        if option in BOOT_OPTIONS:
-            name, convert, _ = BOOT_OPTIONS[option]
-            raw = inline if eq else next(args, None)
+        if option in options:
+            name, convert, _ = options[option]
+            if convert is bool:
+                if eq:
+                    return None
+                values[name] = True
+                continue
+            raw = inline if eq else next(rest, None)
             if raw is None:
                 return None
+            if convert is list:
+                values[name].append(raw)  # type: ignore[union-attr]
+                continue
             try:
                 values[name] = convert(raw)
             except ValueError:
                 return None
-        elif arg.startswith("-") or kernel is not None:
+        elif arg.startswith("-") or len(given) == len(positional):
             return None
         else:
-            kernel = arg
-    if kernel is None:
+            given.append(arg)
+    if len(given) != len(positional):
         return None
-    return {"kernel": kernel, **values}
+    return {**dict(zip(positional, given, strict=True)), **values}
+
+
+def parse_boot_args(argv: list[str]) -> dict[str, object] | None:
+    """The arguments of a plain ``boot`` command line, or None to let typer handle it."""
+    if not argv or argv[0] != "boot":
+        return None
+    return _parse(argv[1:], ("kernel",), BOOT_OPTIONS)
+
+
+JSON_OPTION: dict[str, tuple[str, type, object]] = {"--json": ("as_json", bool, False)}
+# ``pyvmm ctl PATH COMMAND ...``: command → (positional arguments, options); mirrored by
+# the typer commands in cli.py (tests/test_launcher.py checks both ways).
+CTL_COMMANDS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, type, object]]]] = {
+    "status": ((), JSON_OPTION),
+    "preflight": (("kernel",), {"--cmdline": ("cmdline", str, ""), **JSON_OPTION}),
+    "virtualize": ((), JSON_OPTION),
+    "devirtualize": ((), JSON_OPTION),
+    "start": (
+        ("kernel",),
+        {
+            "--name": ("name", str, None),
+            "--cmdline": ("cmdline", str, "console=ttyS1"),
+            "--device": ("devices", list, None),
+            **JSON_OPTION,
+        },
+    ),
+    "stop": (("name",), JSON_OPTION),
+    "pause": (("name",), JSON_OPTION),
+    "resume": (("name",), JSON_OPTION),
+    "move": (("device", "to"), JSON_OPTION),
+}
+UPGRADE_OPTIONS: dict[str, tuple[str, type, object]] = {
+    "--to": ("to", str, None),
+    "--cmdline": ("cmdline", str, ""),
+    "--inject": ("inject", str, None),
+    "--timeout": ("timeout", list, None),
+    **JSON_OPTION,
+}
+
+
+def parse_ctl_args(argv: list[str]) -> tuple[str, dict[str, object]] | None:
+    """A plain ``ctl`` or ``upgrade`` command line → (the function of ``pyvmm.ctl`` to
+    call, its arguments), or None to let typer handle it."""
+    if argv[:1] == ["ctl"] and len(argv) >= 3 and not argv[1].startswith("-"):
+        command = CTL_COMMANDS.get(argv[2])
+        parsed = command and _parse(argv[3:], *command)
+        if not parsed:
+            return None
+        return "run_ctl", {"path": argv[1], "command": argv[2], **parsed}
+    if argv[:1] == ["upgrade"]:
+        parsed = _parse(argv[1:], ("control",), UPGRADE_OPTIONS)
+        if parsed is None or parsed["to"] is None:
+            return None
+        from .ctl import parse_timeouts
+
+        try:
+            parsed["timeouts"] = parse_timeouts(parsed.pop("timeout"))  # type: ignore[arg-type]
+        except ValueError:
+            return None
+        return "run_upgrade", parsed
+    return None
 
 
 def error(message: str) -> None:
@@ -152,10 +224,17 @@ def _run_armed(
 
 
 def main() -> None:
-    request = parse_boot_args(sys.argv[1:])
+    argv = sys.argv[1:]
     try:
+        request = parse_boot_args(argv)
         if request is not None:
             sys.exit(run_boot(**request))  # type: ignore[arg-type]
+        command = parse_ctl_args(argv)
+        if command is not None:
+            from . import ctl
+
+            function, arguments = command
+            sys.exit(getattr(ctl, function)(**arguments))
         from .cli import app
 
         app()

@@ -74,3 +74,101 @@ def test_parse_size():
     assert launcher.parse_size("64") == 64 << 20
     with pytest.raises(ValueError, match="not a size"):
         launcher.parse_size("lots")
+
+
+# --- ctl and upgrade: the same agreement ------------------------------------------------
+
+
+def typer_ctl_call(monkeypatch, argv: list[str]) -> tuple[str, dict[str, object]] | None:
+    """What the typer app would call for ``argv``: (function name, arguments)."""
+    seen: list[tuple[str, dict[str, object]]] = []
+
+    def fake_run_ctl(path, command, as_json=False, **arguments):
+        seen.append(
+            ("run_ctl", {"path": path, "command": command, "as_json": as_json, **arguments})
+        )
+        return 0
+
+    def fake_run_upgrade(control, to, cmdline="", inject=None, timeouts=None, as_json=False):
+        arguments = {"control": control, "to": to, "cmdline": cmdline, "inject": inject}
+        seen.append(("run_upgrade", {**arguments, "timeouts": timeouts, "as_json": as_json}))
+        return 0
+
+    monkeypatch.setattr(cli, "run_ctl", fake_run_ctl)
+    monkeypatch.setattr(cli, "run_upgrade", fake_run_upgrade)
+    result = CliRunner().invoke(cli.app, argv)
+    return seen[0] if result.exit_code == 0 and seen else None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ctl", "/tmp/n.sock", "status"],
+        ["ctl", "/tmp/n.sock", "status", "--json"],
+        ["ctl", "/tmp/n.sock", "preflight", "k.elf"],
+        ["ctl", "/tmp/n.sock", "preflight", "k.elf", "--cmdline", "a=b c", "--json"],
+        ["ctl", "/tmp/n.sock", "virtualize"],
+        ["ctl", "/tmp/n.sock", "devirtualize", "--json"],
+        ["ctl", "/tmp/n.sock", "start", "k.elf"],
+        ["ctl", "/tmp/n.sock", "start", "k.elf", "--name", "b", "--device", "blk0"],
+        ["ctl", "/tmp/n.sock", "start", "--device=a", "k.elf", "--device", "b", "--cmdline="],
+        ["ctl", "/tmp/n.sock", "stop", "b"],
+        ["ctl", "/tmp/n.sock", "pause", "a", "--json"],
+        ["ctl", "/tmp/n.sock", "resume", "a"],
+        ["ctl", "/tmp/n.sock", "move", "blk0", "b"],
+        ["upgrade", "/tmp/n.sock", "--to", "v2.elf"],
+        ["upgrade", "/tmp/n.sock", "--to=v2.elf", "--json", "--cmdline", "x=1"],
+        ["upgrade", "/tmp/n.sock", "--to", "v2.elf", "--inject", "boot-fails"],
+        ["upgrade", "--timeout", "acquire=2", "/tmp/n.sock", "--to", "k", "--timeout=ready=1.5"],
+    ],
+)
+def test_fast_ctl_parser_matches_typer(monkeypatch, argv):
+    fast = launcher.parse_ctl_args(argv)
+    assert fast is not None
+    assert fast == typer_ctl_call(monkeypatch, argv)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ctl"],
+        ["ctl", "--help"],
+        ["ctl", "/tmp/n.sock"],
+        ["ctl", "/tmp/n.sock", "status", "--help"],
+        ["ctl", "/tmp/n.sock", "status", "extra"],
+        ["ctl", "/tmp/n.sock", "explode"],
+        ["ctl", "/tmp/n.sock", "start"],
+        ["ctl", "/tmp/n.sock", "move", "blk0"],
+        ["ctl", "/tmp/n.sock", "status", "--json=yes"],
+        ["upgrade", "/tmp/n.sock"],
+        ["upgrade", "/tmp/n.sock", "--to"],
+        ["upgrade", "/tmp/n.sock", "--to", "k", "--timeout", "acquire"],
+        ["upgrade", "/tmp/n.sock", "--to", "k", "--timeout", "acquire=soon"],
+        ["upgrade", "--help"],
+    ],
+)
+def test_unusual_ctl_goes_to_typer(argv):
+    assert launcher.parse_ctl_args(argv) is None
+
+
+def test_ctl_tables_mirror_the_typer_commands():
+    command = typer.main.get_command(cli.app)
+    ctl_group = command.commands["ctl"]  # type: ignore[attr-defined]
+
+    def mirror(typer_command, positional, options):
+        params = {p.name: p for p in typer_command.params}
+        arguments = [p.name for p in typer_command.params if p.param_type_name == "argument"]
+        assert tuple(arguments) == positional
+        typer_options = {n for n, p in params.items() if p.param_type_name == "option"}
+        assert typer_options == {name for name, _, _ in options.values()}
+        for option, (name, kind, default) in options.items():
+            assert params[name].opts == [option]
+            assert params[name].is_flag == (kind is bool)
+            assert params[name].multiple == (kind is list)
+            if not params[name].required:
+                assert params[name].default == default
+
+    assert set(ctl_group.commands) == set(launcher.CTL_COMMANDS)
+    for name, (positional, options) in launcher.CTL_COMMANDS.items():
+        mirror(ctl_group.commands[name], positional, options)
+    mirror(command.commands["upgrade"], ("control",), launcher.UPGRADE_OPTIONS)
