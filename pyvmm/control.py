@@ -76,8 +76,19 @@ def _operations(
             progress=report,
         ).run()
 
+    def preflight(r: dict[str, Any]) -> object:
+        from .microvisor.maintenance import Upgrade
+        from .microvisor.preflight import preflight
+
+        cmdline = r.get("cmdline", "")
+        if not isinstance(cmdline, str):
+            raise RequestError("'cmdline' must be a string")
+        running = Upgrade._running.locked()
+        return preflight(mv, services, _text(r, "kernel"), cmdline, upgrade_running=running)
+
     return {
         "upgrade": upgrade,
+        "preflight": preflight,
         "status": lambda r: mv.status(),
         "virtualize": lambda r: mv.virtualize(),
         "devirtualize": lambda r: mv.devirtualize(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from ..cpu_state import CpuState
 from ..devices.bus import MmioBus, PortIoBus
 from ..machine import RunResult
@@ -9,6 +11,20 @@ from ..memory import Partition
 
 RUNNING = "running"
 RETIRED = "retired"
+# Command-line words the node sets itself (its console, an upgrade's role and name, an
+# injected fault); the other words are the operator's choice.
+NODE_WORDS = ("console", "role", "name", "fault")
+
+
+def service_cmdline(cmdline: str) -> str:
+    """The operator's words of a command line, in order, single-spaced: what an upgrade's
+    ``cmdline`` asks for, and what ``status`` compares it with."""
+    return " ".join(w for w in cmdline.split() if w.partition("=")[0] not in NODE_WORDS)
+
+
+def kernel_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class OsInstance:
@@ -33,6 +49,20 @@ class OsInstance:
         self.wake_at: float | None = None  # when its own timer fires, if halted
         self.slices = 0
         self.refused = 0  # accesses to devices it does not own
+        # What it runs: set by record_image when it is booted.
+        self.kernel: str | None = None
+        self.kernel_sha256: str | None = None
+        self.cmdline = ""
+
+    def record_image(self, kernel: str, cmdline: str) -> None:
+        """Remember the kernel (by content hash: a path says nothing about what was in
+        it) and the command line it was booted with, for ``status``."""
+        self.kernel = kernel
+        self.cmdline = cmdline
+        try:
+            self.kernel_sha256 = kernel_sha256(kernel)
+        except OSError:
+            self.kernel_sha256 = None  # gone since it was loaded: unknown, not wrong
 
     @property
     def live(self) -> bool:
@@ -50,4 +80,8 @@ class OsInstance:
             "slices": self.slices,
             "refused_accesses": self.refused,
             "result": None if self.result is None else self.result.reason,
+            "kernel": self.kernel,
+            "kernel_sha256": self.kernel_sha256,
+            "cmdline": self.cmdline,
+            "service_cmdline": service_cmdline(self.cmdline),
         }

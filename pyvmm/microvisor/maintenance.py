@@ -26,13 +26,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..boot.image_cache import parse_kernel_cached
-from ..boot.layout import place
 from ..errors import PyvmmError
-from ..machine import read_kernel_file
 from ..node import ServiceDevices
 from .instance import OsInstance
 from .microvisor import VIRTUALIZED, Microvisor, MicrovisorError
+from .preflight import upgrade_problems
 
 AGENT_PORT = 7000
 PHASES = (
@@ -183,17 +181,9 @@ class Upgrade:
     # --- phases ------------------------------------------------------------------------
 
     def _preflight(self) -> None:
-        if self.a is None:
-            raise UpgradeFailed("preflight", "no running instance")
-        if len(self.mv.live()) != 1:
-            raise UpgradeFailed("preflight", "another instance is already running")
-        if self.services.disk_writer() != self.a.partition.index:
-            raise UpgradeFailed("preflight", "the running instance owns no disk to hand over")
-        spare = self.mv._spare_partition()
-        data = read_kernel_file(self.kernel, spare.size)
-        place(parse_kernel_cached(data, os.path.basename(self.kernel)), spare)
-        if len(self.services.vsocks) <= spare.index or len(self.services.disks) <= spare.index:
-            raise UpgradeFailed("preflight", f"partition {spare.index} has no vsock or disk")
+        problems, spare, _ = upgrade_problems(self.mv, self.services, self.kernel)
+        if problems:
+            raise UpgradeFailed("preflight", problems[0])
         self.spare = spare
         self.agents["a"] = Agent(self.services, self.a.partition.index, 5.0)
         self.versions["a"] = self._version(self.agents["a"], 5.0)

@@ -72,6 +72,7 @@ class Microvisor:
         self.machine.boot(kernel, cmdline, partition=0)
         partition = self.machine.memory.partitions[0]
         instance = OsInstance(name, partition, copy_state(self.machine.pristine))
+        instance.record_image(kernel, cmdline)
         partitions = self.machine.memory.partitions[1:]
         others = {d for p in partitions for d in self.machine.partition_devices(p.index)}
         for device, attachment in self.machine.devices.items():
@@ -135,6 +136,7 @@ class Microvisor:
         cpu = copy_state(self.machine.pristine)
         apply_entry_state(cpu.regs, cpu.sregs, booted.entry)
         instance = OsInstance(name, partition, cpu)
+        instance.record_image(kernel, cmdline)
         # Its own devices (console, and e.g. its vsock and disk front-end) from the start.
         own = self.machine.partition_devices(partition.index)
         wanted = {*own, *devices} & set(self.machine.devices)
