@@ -17,6 +17,7 @@ from typing import Any
 from .control_client import MAX_REQUEST, encode
 from .errors import PyvmmError
 from .microvisor import Microvisor, MicrovisorError
+from .microvisor.health import node_status
 
 
 class RequestError(Exception):
@@ -89,7 +90,7 @@ def _operations(
     return {
         "upgrade": upgrade,
         "preflight": preflight,
-        "status": lambda r: mv.status(),
+        "status": lambda r: node_status(mv, services),
         "virtualize": lambda r: mv.virtualize(),
         "devirtualize": lambda r: mv.devirtualize(),
         "start": start,
@@ -153,7 +154,9 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(conn,), name="control-client", daemon=True
+            ).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as reader:

@@ -76,6 +76,13 @@ def _show_status(s: dict[str, Any]) -> list[str]:
         f"switches: {s['switches']}  exits: {s['exits']}  switch latency us: "
         f"p50 {lat['p50']} p90 {lat['p90']} p99 {lat['p99']} max {lat['max']}"
     )
+    last = s.get("last_upgrade")
+    if last:
+        why = f" in {last['phase']}: {last['reason']}" if last.get("reason") else ""
+        lines.append(f"last upgrade: {last['outcome']}{why}")
+    if s.get("virtualized_reason"):
+        lines.append(f"virtualized because: {s['virtualized_reason']}")
+    lines += [f"invariant broken: {problem}" for problem in s.get("invariant", [])]
     return lines
 
 

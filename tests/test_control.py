@@ -145,3 +145,27 @@ def test_control_path_that_is_not_a_socket_is_not_replaced(kernels, tmp_path):
         status = guest.wait()
     assert status != 0 and "is not a socket" in guest.stderr
     assert path.read_text() == "keep me"
+
+
+def test_status_has_a_schema_and_every_field_is_documented(node):
+    from conftest import ROOT
+
+    path, _ = node
+    status = json.loads(ctl(path, "status", "--json").stdout)["result"]
+    assert status["schema"] == 1
+    assert status["invariant"] == [] and status["last_upgrade"] is None
+    resources = status["resources"]
+    assert resources["agents"] == 0 and resources["listeners"] == 0
+    assert resources["threads"]["control-client"] == 1  # the asking connection
+    assert resources["fds"] == sum(resources["fd_kinds"].values()) > 0
+    assert resources["client_sockets"] >= 1  # the asking connection, not counted in fds
+    docs = (ROOT / "docs" / "status.md").read_text()
+    nested = [status, status["instances"][0], status["service"], resources]
+    for fields in nested:
+        for field in fields:
+            assert f"`{field}`" in docs, field
+    # The counters are stable at quiescence: a leak would show as a difference.
+    again = json.loads(ctl(path, "status", "--json").stdout)["result"]["resources"]
+    assert {k: again[k] for k in ("agents", "listeners", "threads", "fds")} == {
+        k: resources[k] for k in ("agents", "listeners", "threads", "fds")
+    }

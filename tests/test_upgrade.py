@@ -86,6 +86,55 @@ def node(kernels, tmp_path):
     n.guest.kill()
 
 
+LEAK_COUNTERS = ("agents", "listeners", "threads", "fds")
+# A device's worker thread starts when a driver first activates it and lives as long
+# as the device: one per device at most, not one per upgrade.
+DEVICE_THREADS = {"virtio-blk": 2, "virtio-vsock": 2}
+
+
+def node_status(node) -> dict:
+    reply = control_request(node, "status")
+    assert reply["ok"], reply
+    return reply["result"]
+
+
+def leak_counters(node) -> dict:
+    resources = node_status(node)["resources"]
+    return {k: resources[k] for k in LEAK_COUNTERS}
+
+
+def assert_known_state(node, before: dict, instance: str, outcome: str) -> dict:
+    """The invariant after an upgrade: one instance serving with the listener and the
+    disk lease, devirtualized, no agent or listener open, and no thread or fd more
+    than before (polled a moment: the upgrade's control connection may be closing)."""
+    deadline = time.monotonic() + 5
+    before = dict(before, threads=without_device_threads(before["threads"]))
+    while True:
+        status = node_status(node)
+        now = {k: status["resources"][k] for k in LEAK_COUNTERS}
+        threads = now["threads"]
+        assert all(threads.get(name, 0) <= most for name, most in DEVICE_THREADS.items())
+        now["threads"] = without_device_threads(threads)
+        if now == before or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert status["invariant"] == [], status
+    assert status["mode"] == "devirtualized" and status["virtualized_reason"] is None
+    running = [i for i in status["instances"] if i["status"] == "running"]
+    assert [i["name"] for i in running] == [instance], status["instances"]
+    partition = running[0]["partition"]
+    assert status["service"]["serving"] == instance
+    assert status["service"]["disk_writer"] == partition
+    assert {listener["partition"] for listener in status["service"]["listeners"]} == {partition}
+    assert now == before, f"before {before} after {now}"
+    assert status["last_upgrade"]["outcome"] == outcome, status["last_upgrade"]
+    return status
+
+
+def without_device_threads(threads: dict) -> dict:
+    return {name: count for name, count in threads.items() if name not in DEVICE_THREADS}
+
+
 def status_on(conn: http.client.HTTPConnection) -> dict:
     conn.request("GET", "/status")
     response = conn.getresponse()
@@ -94,12 +143,15 @@ def status_on(conn: http.client.HTTPConnection) -> dict:
 
 
 def test_upgrade_under_load_loses_nothing(node):
+    before = leak_counters(node)
     load = KvLoad(node.port).start()
     time.sleep(0.5)
     status, report = node.upgrade("v2")
     time.sleep(0.5)
     load.stop()
     assert status == 0 and report["ok"] and report["result"]["after"] == "v2", report
+    after = assert_known_state(node, before, "b", "upgraded")
+    assert after["last_upgrade"]["report"]["after"] == "v2"
     assert not load.failures, load.failures[:5]  # no request failed, none was re-sent
     assert load.reconnects == 0
     assert len(load.acked) > 50
@@ -132,6 +184,7 @@ def test_every_injected_fault_rolls_back(node, fault):
     phase, reason, guest = FAULTS[fault]
     idle = node.keep_alive()
     assert status_on(idle)["version"] == "v1"
+    before = leak_counters(node)
     load = KvLoad(node.port, clients=4).start()
     time.sleep(0.3)
     status, report = node.upgrade("v2", "--inject", fault, "--timeout", "acquire=2")
@@ -147,10 +200,8 @@ def test_every_injected_fault_rolls_back(node, fault):
     assert load.lost_writes() == []
     info = status_on(idle)  # the idle keep-alive connection is served by A again
     assert (info["version"], info["role"], info["instance"]) == ("v1", "primary", "webkv")
-    node_status = control_request(node, "status")["result"]
-    assert node_status["mode"] == "devirtualized", node_status
-    running = [i["name"] for i in node_status["instances"] if i["status"] == "running"]
-    assert running == ["a"], node_status
+    last = assert_known_state(node, before, "a", "rolled_back")["last_upgrade"]
+    assert (last["phase"], last["reason"]) == (phase, result["reason"])
     if guest is not None:  # the guest itself misbehaved, and said so on its console
         node.guest.expect(rf"^{guest}webkv: fault-armed={fault}$", timeout=5)
         node.guest.expect(rf"^{guest}webkv: fault={fault}$", timeout=5)

@@ -21,18 +21,17 @@ release (A refuses it and serves on; the fault fires once).
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
 
 from ..errors import PyvmmError
 from ..node import ServiceDevices
+from .agent import Agent
 from .instance import OsInstance
 from .microvisor import VIRTUALIZED, Microvisor, MicrovisorError
 from .preflight import upgrade_problems
 
-AGENT_PORT = 7000
 PHASES = (
     "preflight",
     "virtualize",
@@ -54,29 +53,6 @@ class UpgradeFailed(Exception):
         super().__init__(f"{phase}: {reason}")
         self.phase = phase
         self.reason = reason
-
-
-class Agent:
-    """A line-protocol connection to one instance's maintenance agent."""
-
-    def __init__(self, services: ServiceDevices, partition: int, timeout: float) -> None:
-        vsock = services.vsocks[partition]
-        self._listener = vsock.forward("127.0.0.1", 0, AGENT_PORT)
-        self._sock = socket.create_connection(self._listener.address, timeout=timeout)
-        self._reader = self._sock.makefile("rb")
-
-    def ask(self, command: str, timeout: float) -> str:
-        self._sock.settimeout(timeout)
-        self._sock.sendall(command.encode() + b"\n")
-        line = self._reader.readline(4096)
-        if not line:
-            raise ConnectionError("the agent closed the connection")
-        return line.decode(errors="replace").strip()
-
-    def close(self) -> None:
-        self._reader.close()
-        self._sock.close()
-        self._listener.close()
 
 
 class Upgrade:
@@ -106,6 +82,7 @@ class Upgrade:
         self.inject = inject
         self.progress = progress or (lambda phase, state, seconds: None)
         self.phases: list[dict[str, object]] = []
+        self.phase: str | None = None
         self.versions: dict[str, str] = {}
 
     # --- driver ------------------------------------------------------------------
@@ -114,8 +91,12 @@ class Upgrade:
         if not Upgrade._running.acquire(blocking=False):
             raise PyvmmError("an upgrade is already running on this node")
         self.started = time.monotonic()
+        self._note("running", None, None, None)
         try:
             result = self._run()
+        except BaseException as exc:
+            self._note("failed", self.phase, f"{type(exc).__name__}: {exc}", None)
+            raise
         finally:
             Upgrade._running.release()
         result["total_s"] = round(time.monotonic() - self.started, 4)
@@ -123,7 +104,21 @@ class Upgrade:
         # on their own time line (each phase's "start" is relative to this).
         result["monotonic_start"] = self.started
         result["phases"] = self.phases
+        if result["ok"]:
+            self._note("upgraded", None, None, result)
+        else:
+            self._note("rolled_back", result["failed_phase"], result["reason"], result)
         return result
+
+    def _note(self, outcome: str, phase: str | None, reason: str | None, report: object) -> None:
+        """``status``'s ``last_upgrade``: how it ended, or how far it is."""
+        self.mv.last_upgrade = {
+            "outcome": outcome,
+            "phase": phase,
+            "reason": reason,
+            "kernel": self.kernel,
+            "report": report,
+        }
 
     def _run(self) -> dict[str, object]:
         self.a = next((i for i in self.mv.live()), None)
@@ -154,6 +149,9 @@ class Upgrade:
                 agent.close()
 
     def _phase(self, name: str, step: Callable[[], None]) -> None:
+        self.phase = name
+        if self.mv.last_upgrade is not None:
+            self.mv.last_upgrade["phase"] = name
         self.progress(name, "start", 0.0)
         started = time.monotonic()
         try:

@@ -61,6 +61,11 @@ class Microvisor:
         self.switches = 0
         self.redelivered = 0  # switch-outs whose interrupts were delivered again
         self.switch_latency: deque[float] = deque(maxlen=10_000)
+        # Why the node is virtualized although maintenance is over (None: it is not,
+        # or maintenance is running); devirtualize clears it.
+        self.virtualized_reason: str | None = None
+        # How the last upgrade ended (or how far it is): set by maintenance.Upgrade.
+        self.last_upgrade: dict[str, object] | None = None
 
     # --- instances ---------------------------------------------------------------
 
@@ -143,7 +148,10 @@ class Microvisor:
         return self._on_vcpu(lambda: self._add(instance, wanted))
 
     def status(self) -> dict[str, object]:
+        """Safe from any thread while instances come and go: it reads snapshots."""
         latencies = sorted(self.switch_latency)
+        instances = list(self.instances.values())
+        current = self.current
 
         def pct(p: float) -> float | None:
             if not latencies:
@@ -152,8 +160,8 @@ class Microvisor:
 
         return {
             "mode": self.mode,
-            "current": None if self.current is None else self.current.name,
-            "instances": [i.describe() for i in self.instances.values()],
+            "current": None if current is None else current.name,
+            "instances": [i.describe() for i in instances],
             "switches": self.switches,
             "redelivered": self.redelivered,
             "exits": self.machine.exit_count,
@@ -229,6 +237,7 @@ class Microvisor:
                 console.flush()  # raw from here on: the rest of the line follows
             # A labelled console keeps whole lines: its partial line waits for the rest.
         self.mode = DEVIRTUALIZED
+        self.virtualized_reason = None
         self.machine.hand_over()
 
     def _add(self, instance: OsInstance, devices: set[str]) -> OsInstance:

@@ -36,6 +36,14 @@ if TYPE_CHECKING:
 
 DEFAULT_BACKLOG = 1024
 
+_count_lock = threading.Lock()
+_open = 0
+
+
+def open_listeners() -> int:
+    """Host listeners created and not yet closed (``status`` shows leaks with it)."""
+    return _open
+
 
 class Parked:
     """A client connection waiting for a guest, with what it carries over."""
@@ -80,6 +88,10 @@ class HostListener:
         self.pending: deque[Parked] = deque()
         self.device: VirtioVsock | None = None
         self._lock = threading.Lock()  # serialises attach/detach
+        self._closed = False
+        global _open
+        with _count_lock:
+            _open += 1
 
     @property
     def address(self) -> tuple[str, int]:
@@ -103,7 +115,12 @@ class HostListener:
                 self.device = None
 
     def close(self) -> None:
+        global _open
         self.detach()
+        with _count_lock:
+            if not self._closed:
+                self._closed = True
+                _open -= 1
         self.sock.close()  # first: a device parking a connection from now on closes it
         while self.pending:
             self.pending.popleft().close()
