@@ -13,9 +13,15 @@ from collections.abc import Sequence
 
 class GuestProcess:
     def __init__(
-        self, args: Sequence[str], stdin: bytes | None = None, env: dict[str, str] | None = None
+        self,
+        args: Sequence[str],
+        stdin: bytes | None = None,
+        env: dict[str, str] | None = None,
+        program: Sequence[str] = (sys.executable, "-m", "pyvmm"),
     ) -> None:
-        self.args = [sys.executable, "-m", "pyvmm", *args]
+        """``program``: what runs with ``args`` (pyvmm, or another program such as
+        build/webkv-native)."""
+        self.args = [*program, *args]
         self.proc = subprocess.Popen(
             self.args,
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,

@@ -22,6 +22,10 @@ extern const struct user_info *uinfo;
 
 /* ---- system calls: int3 (see runtime/entry.S); ULIB_TRAP may select "int $0x80"
  * or "syscall" where the CPU handles them (hardware KVM, QEMU TCG) ---- */
+#ifdef ULIB_NATIVE
+/* build/webkv-native: the same program as a Linux process (webkv/native/platform.c) */
+int64_t syscall3(uint64_t nr, uint64_t a, uint64_t b, uint64_t c);
+#else
 #ifndef ULIB_TRAP
 #define ULIB_TRAP "int3"
 #endif
@@ -36,6 +40,7 @@ static inline int64_t syscall3(uint64_t nr, uint64_t a, uint64_t b, uint64_t c)
 			 : "rcx", "r8", "r9", "r11", "memory");
 	return ret;
 }
+#endif
 static inline int64_t syscall0(uint64_t nr) { return syscall3(nr, 0, 0, 0); }
 
 static inline int64_t sys_null(void) { return syscall0(SYS_null); }
