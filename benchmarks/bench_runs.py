@@ -1,11 +1,27 @@
-"""Running bench.elf under pyvmm and QEMU microvm, and bench-native on the host."""
+"""Running bench.elf under pyvmm and QEMU microvm, and bench-native on the host; each
+run also reports the peak huge-page backing of the process (guest RAM or the native
+program's buffers), sampled from /proc/PID/smaps_rollup while it runs."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import dataclass
 
 from common import KERNELS, pyvmm_command, qemu_microvm_command
+from harness import PeakBacking
+
+# stream's buffer: the memory a memory-bound workload needs on huge pages
+STREAM_MIB = 64
+
+
+@dataclass
+class BenchRun:
+    lines: dict[str, dict]  # bench.elf's JSON lines by workload
+    huge_mib: float  # peak AnonHugePages + ShmemPmdMapped of the process
+
+    def cycles(self, workloads: list[str]) -> dict[str, float]:
+        return {w: self.lines[w]["cycles"] for w in workloads}
 
 
 def parse(console: str) -> dict[str, dict]:
@@ -13,17 +29,28 @@ def parse(console: str) -> dict[str, dict]:
     return {line["bench"]: line for line in lines}
 
 
-def _checked(command: list[str], ok_status: int, what: str) -> dict[str, dict]:
-    done = subprocess.run(
-        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900
+def _checked(command: list[str], ok_status: int, what: str) -> BenchRun:
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    lines = parse(done.stdout)
-    if done.returncode != ok_status or "done" not in lines:
-        raise SystemExit(f"{what} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
-    return lines
+    with PeakBacking(process.pid) as backing:
+        try:
+            stdout, stderr = process.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+            raise SystemExit(f"{what} timed out:\n{stdout}{stderr}") from None
+    lines = parse(stdout)
+    if process.returncode != ok_status or "done" not in lines:
+        raise SystemExit(f"{what} failed ({process.returncode}):\n{stdout}{stderr}")
+    return BenchRun(lines, backing.huge_mib())
 
 
-def under_pyvmm(args: str, tsc_khz: int) -> dict[str, dict]:
+def under_pyvmm(args: str, tsc_khz: int) -> BenchRun:
     cmdline = f"console=ttyS0 tsc_khz={tsc_khz} {args}"
     command = [
         *pyvmm_command(),
@@ -37,14 +64,16 @@ def under_pyvmm(args: str, tsc_khz: int) -> dict[str, dict]:
     return _checked(command, 0, "bench.elf under pyvmm")
 
 
-def under_qemu(args: str, tsc_khz: int) -> dict[str, dict]:
+def under_qemu(args: str, tsc_khz: int) -> BenchRun:
     # QEMU's isa-debug-exit reports the guest's exit(0) as status 1.
     cmdline = f"console=ttyS0 tsc_khz={tsc_khz} {args}"
     return _checked(qemu_microvm_command(KERNELS / "bench.elf", cmdline), 1, "bench.elf in QEMU")
 
 
-def native(args: str, tsc_khz: int) -> dict[str, dict]:
+def native(args: str, tsc_khz: int, hugepages: bool = False) -> BenchRun:
     command = [str(KERNELS / "bench-native"), f"tsc_khz={tsc_khz}", *args.split()]
+    if hugepages:
+        command.append("hugepages=1")
     return _checked(command, 0, "bench-native")
 
 

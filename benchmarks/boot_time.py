@@ -1,7 +1,8 @@
 """Whole-process boot time: `pyvmm boot hello.elf` against QEMU microvm on the same
-kernel.elf, alternating runs so both see the same machine drift.
+kernel.elf (and pyvmm without its kernel-layout cache), alternated in rounds by
+benchmarks/harness.py; ratios to QEMU with bootstrap 95% CIs.
 
-    python benchmarks/boot_time.py [--runs 20]
+    python benchmarks/boot_time.py [--rounds 20] [--precision 1] [--aa pyvmm] [--pin]
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import os
 import subprocess
 import time
 
-from common import KERNELS, pyvmm_command, qemu_microvm_command, report, summary
+import harness
+from common import KERNELS, pyvmm_command, qemu_microvm_command, report
 
 GREETING = b"hello: Hello from hello.elf, a PVH guest kernel"
 CMDLINE = "console=ttyS0"
@@ -33,38 +35,51 @@ def timed(command: list[str], expected_status: int, env: dict[str, str] | None =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--aa", default=None, help="A/A: this configuration against itself")
+    harness.add_arguments(
+        parser,
+        harness.Plan(min_rounds=20, max_rounds=80, warmup=2, precision=0.01, time_cap_s=180),
+    )
     args = parser.parse_args()
+    pinning = harness.Pinning.split(args.pin)
+    pinning.apply_measured()
+    state_before = harness.machine_state()
     kernel = KERNELS / "hello.elf"
     pyvmm = [*pyvmm_command(), "boot", str(kernel), "--cmdline", CMDLINE]
     qemu = qemu_microvm_command(kernel, CMDLINE)
-    timed(pyvmm, 0)  # warm the page cache for both before measuring
-    timed(qemu, 1)  # QEMU's isa-debug-exit exits with (code << 1) | 1
     # "cold": without the kernel-layout cache, so pyelftools is imported and run.
     cold_env = {**os.environ, "PYVMM_CACHE_DIR": "off"}
-    samples: dict[str, list[float]] = {"pyvmm": [], "pyvmm_cold": [], "qemu": []}
-    for _ in range(args.runs):
-        samples["pyvmm"].append(timed(pyvmm, 0))
-        samples["qemu"].append(timed(qemu, 1))
-        samples["pyvmm_cold"].append(timed(pyvmm, 0, cold_env))
-    stats = {name: summary(values) for name, values in samples.items()}
-    ratio = stats["pyvmm"]["median"] / stats["qemu"]["median"]
-    cold_ratio = stats["pyvmm_cold"]["median"] / stats["qemu"]["median"]
+    configs: dict[str, harness.Runner] = {
+        "pyvmm": lambda: {"ms": timed(pyvmm, 0)},
+        # QEMU's isa-debug-exit exits with (code << 1) | 1
+        "qemu": lambda: {"ms": timed(qemu, 1)},
+        "pyvmm_cold": lambda: {"ms": timed(pyvmm, 0, cold_env)},
+    }
+    baseline = "qemu"
+    if args.aa:
+        configs, baseline = harness.aa_configs(configs, args.aa), args.aa
+    rounds = harness.run_rounds(
+        configs, baseline, harness.plan_from(args), progress=harness.stderr_progress("boot_time")
+    )
+    out = rounds.to_json()
     result = {
         "benchmark": "boot_time",
         "kernel": str(kernel.relative_to(KERNELS.parent.parent)),
-        "runs": args.runs,
-        "pyvmm_ms": stats["pyvmm"],
-        "pyvmm_cold_ms": stats["pyvmm_cold"],
-        "qemu_ms": stats["qemu"],
-        "ratio_median": round(ratio, 3),
-        "cold_ratio_median": round(cold_ratio, 3),
+        **out,
+        "pinning": pinning.to_json(),
+        "machine_before": state_before,
+        "machine_after": harness.machine_state(),
     }
+    medians = ", ".join(
+        f"{name} median {per['ms']['median']:.1f} ms (IQR {per['ms']['iqr']:.1f})"
+        for name, per in out["configs"].items()
+    )
+    ratios = ", ".join(
+        f"{name}/{baseline} {harness.ci_text(per['ms'])}" for name, per in out["ratios"].items()
+    )
     report(
         result,
-        f"boot_time: pyvmm median {stats['pyvmm']['median']:.1f} ms, QEMU microvm median "
-        f"{stats['qemu']['median']:.1f} ms, ratio {ratio:.2f} (target < 1.0); without the "
-        f"layout cache {stats['pyvmm_cold']['median']:.1f} ms, ratio {cold_ratio:.2f}",
+        f"boot_time: {out['method']['rounds']} rounds; {medians}; {ratios} (target < 1.0)",
     )
 
 

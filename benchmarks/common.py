@@ -1,10 +1,10 @@
-"""Helpers shared by the benchmarks: where things are, statistics, reporting."""
+"""Helpers shared by the benchmarks: where things are, reporting (statistics are in
+harness.py)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,18 +27,6 @@ def qemu_microvm_command(kernel: Path, cmdline: str, mem: str = "256M") -> list[
     if shutil.which("qemu-system-x86_64") is None:
         sys.exit("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     return reference.qemu_microvm_command(str(kernel), cmdline, mem)
-
-
-def summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "median": statistics.median(ordered),
-        "p10": ordered[len(ordered) // 10],
-        "p90": ordered[min(len(ordered) - 1, (len(ordered) * 9) // 10)],
-        "p99": ordered[min(len(ordered) - 1, (len(ordered) * 99) // 100)],
-        "min": ordered[0],
-        "max": ordered[-1],
-    }
 
 
 def report(result: dict, line: str) -> None:

@@ -1,52 +1,72 @@
 """Exit cost: bench.elf's `portio` workload (N `outb` to port 0x80, which no device
 claims, from CPL3: each one a VM exit to the VMM and back) under pyvmm and under
-QEMU microvm, alternating runs.
+QEMU microvm, alternated in rounds by benchmarks/harness.py. The ratio is pyvmm's
+round trip over QEMU's, with a bootstrap 95% CI.
 
-    python benchmarks/exit_cost.py [--runs 5] [--n 20000]
+    python benchmarks/exit_cost.py [--n 40000] [--rounds 10] [--aa pyvmm] [--pin]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 
+import harness
 from bench_runs import host_tsc_khz, under_pyvmm, under_qemu
 from common import report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--n", type=int, default=40000, help="exits per run")
+    parser.add_argument("--aa", default=None, help="A/A: this platform against itself")
+    harness.add_arguments(
+        parser, harness.Plan(min_rounds=10, max_rounds=30, precision=0.01, time_cap_s=240)
+    )
     args = parser.parse_args()
+    pinning = harness.Pinning.split(args.pin)
+    pinning.apply_measured()
+    state_before = harness.machine_state()
     khz = host_tsc_khz()
     workload = f"run=portio n_portio={args.n}"
-    per_exit_us: dict[str, list[float]] = {"pyvmm": [], "qemu": []}
-    for _ in range(args.runs):
-        for name, runner in (("pyvmm", under_pyvmm), ("qemu", under_qemu)):
-            line = runner(workload, khz)["portio"]
-            per_exit_us[name].append(line["cycles"] / line["work"] / khz * 1000)
+
+    def per_exit(runner) -> harness.Runner:
+        def once() -> dict[str, float]:
+            line = runner(workload, khz).lines["portio"]
+            return {"round_trip_us": line["cycles"] / line["work"] / khz * 1000}
+
+        return once
+
+    configs = {"pyvmm": per_exit(under_pyvmm), "qemu": per_exit(under_qemu)}
+    baseline = "qemu"
+    if args.aa:
+        configs, baseline = harness.aa_configs(configs, args.aa), args.aa
+    rounds = harness.run_rounds(
+        configs, baseline, harness.plan_from(args), progress=harness.stderr_progress("exit_cost")
+    )
+    out = rounds.to_json()
     result: dict[str, object] = {
         "benchmark": "exit_cost",
         "exits_per_run": args.n,
-        "runs": args.runs,
         "tsc_khz": khz,
+        **out,
+        "exits_per_second_median": {
+            name: round(1e6 / per["round_trip_us"]["median"])
+            for name, per in out["configs"].items()
+        },
+        "pinning": pinning.to_json(),
+        "machine_before": state_before,
+        "machine_after": harness.machine_state(),
     }
-    for name, samples in per_exit_us.items():
-        median = statistics.median(samples)
-        result[name] = {
-            "round_trip_us_median": round(median, 2),
-            "round_trip_us_all": [round(x, 2) for x in samples],
-            "exits_per_second": round(1e6 / median),
-        }
-    ratio = result["pyvmm"]["exits_per_second"] / result["qemu"]["exits_per_second"]
-    result["exits_per_second_ratio_pyvmm_over_qemu"] = round(ratio, 3)
+    medians = {n: per["round_trip_us"]["median"] for n, per in out["configs"].items()}
+    ratios = "; ".join(
+        f"{name}/{baseline} round trip {harness.ci_text(per['round_trip_us'])}"
+        for name, per in out["ratios"].items()
+    )
     report(
         result,
-        f"exit_cost: pyvmm {result['pyvmm']['exits_per_second']} exits/s "
-        f"({result['pyvmm']['round_trip_us_median']} us round trip), QEMU "
-        f"{result['qemu']['exits_per_second']} exits/s "
-        f"({result['qemu']['round_trip_us_median']} us); pyvmm/QEMU {ratio:.2f}",
+        f"exit_cost: {out['method']['rounds']} rounds of {args.n} exits; "
+        + ", ".join(f"{n} {us:.2f} us/exit ({1e6 / us:.0f} exits/s)" for n, us in medians.items())
+        + f"; {ratios}",
     )
 
 

@@ -106,11 +106,17 @@ def half_width(estimate: float, low: float, high: float) -> float:
 
 
 def median_ci(values: Sequence[float], digits: int = 6) -> dict[str, object]:
-    """describe() plus the bootstrap 95% CI of the median, for samples within one run."""
+    """describe() plus a distribution-free 95% CI of the median, for many samples
+    within one run (latencies): the order statistics at ranks n/2 -+ 1.96 sqrt(n)/2
+    (the binomial interval; cheap for 10,000 samples, unlike a bootstrap)."""
     out: dict[str, object] = dict(describe(values, digits))
-    if len(values) >= 2:
-        low, high = bootstrap_ci(values)
-        out["median_ci95"] = [round(low, digits), round(high, digits)]
+    n = len(values)
+    if n >= 2:
+        ordered = sorted(values)
+        spread = 1.959964 * math.sqrt(n) / 2
+        low = max(0, math.floor(n / 2 - spread) - 1)
+        high = min(n - 1, math.ceil(n / 2 + spread))
+        out["median_ci95"] = [round(ordered[low], digits), round(ordered[high], digits)]
     return out
 
 
@@ -198,7 +204,10 @@ class Rounds:
                 "baseline": self.baseline,
             },
             "configs": {
-                name: {metric: describe(values) for metric, values in per_metric.items()}
+                name: {
+                    metric: {**describe(values), "samples": values}
+                    for metric, values in per_metric.items()
+                }
                 for name, per_metric in self.samples.items()
             },
             "ratios": ratios,

@@ -1,37 +1,51 @@
 """Microvisor costs: world-switch latency, kick latency, and the CPU overhead of
-bench.elf's CPL3 workloads in four modes, measured side by side in one run.
+bench.elf's CPL3 workloads in four modes, alternated in rounds by
+benchmarks/harness.py; overheads are paired ratios to plain with bootstrap 95% CIs.
 
-    python benchmarks/microvisor.py [--rounds 3] [--switch-seconds 2]
+    python benchmarks/microvisor.py [--modes plain,devirtualized,virtualized,virtualized+idle]
+        [--rounds 10] [--precision 0.5] [--aa plain] [--switch-seconds 2] [--pin]
 
-Modes: plain (no microvisor), devirtualized (microvisor armed: two partitions and a
-control path, never used), virtualized (one instance, trapped), virtualized+idle
-(a second instance that sleeps waiting for an interrupt).
+Modes: plain (no microvisor), devirtualized (the microvisor virtualizes, boots and
+stops a second instance, and devirtualizes while bench.elf waits (wait_ms), before
+the first workload starts; checked every run), virtualized (one instance, trapped),
+virtualized+idle (a second instance that sleeps waiting for an interrupt). Every mode
+runs the same command line, including the wait.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
 import time
 
-from common import KERNELS, report, summary
+import harness
+from common import KERNELS, report
 
 from pyvmm.machine import Machine, RunResult
 from pyvmm.microvisor import Microvisor, OsInstance
 
 MiB = 1 << 20
 WORKLOADS = ("alu", "stream", "chase", "crc32")
+MODES = ("plain", "devirtualized", "virtualized", "virtualized+idle")
+STREAM_MIB = 64
+WAITED = b'{"bench": "waited"'
 
 
 class Capture:
+    """Both consoles' output, and when bench.elf said it had finished waiting."""
+
     def __init__(self) -> None:
         self.data = bytearray()
+        self.waited_at: float | None = None
 
     def __call__(self, data: bytes) -> None:
         self.data += data
+        if self.waited_at is None and WAITED in self.data:
+            self.waited_at = time.monotonic()
 
     def bench_lines(self) -> dict[str, dict]:
         lines = {}
@@ -60,7 +74,7 @@ def world_switch(seconds: float) -> dict:
         mv.run(seconds + 30)
         thread.join()
         samples = [x * 1e6 for x in mv.switch_latency]
-    return {"switches": len(samples), "latency_us": summary(samples)}
+    return {"switches": len(samples), "latency_us": harness.median_ci(samples, 1)}
 
 
 def kick_latency(count: int) -> dict:
@@ -88,7 +102,7 @@ def kick_latency(count: int) -> dict:
         thread.start()
         m.run(60)
         thread.join()
-    return {"kicks": len(samples), "latency_us": summary(samples)}
+    return {"kicks": len(samples), "latency_us": harness.median_ci(samples, 1)}
 
 
 def _end_when_retired(machine: Machine, instance: OsInstance) -> None:
@@ -102,75 +116,146 @@ def _end_when_retired(machine: Machine, instance: OsInstance) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def bench_run(mode: str, cmdline: str) -> dict[str, dict]:
-    """bench.elf once in ``mode``; returns its JSON lines by workload."""
+def _cycle_then_devirtualize(mv: Microvisor, transition: dict[str, float]) -> None:
+    """A real round trip through virtualized mode: a second instance is booted, runs
+    beside the first for a moment (world switches), is stopped, and the node
+    devirtualizes. The benchmark instance is spinning in wait_ms meanwhile."""
+    mv.start(str(KERNELS / "probe.elf"), "console=ttyS1 probe=idle", name="b")
+    time.sleep(0.2)
+    mv.stop("b")
+    mv.devirtualize()
+    transition["devirtualized_at"] = time.monotonic()
+    transition["switches"] = mv.switches
+
+
+def bench_run(mode: str, cmdline: str) -> tuple[dict[str, dict], float]:
+    """bench.elf once in ``mode``: its JSON lines by workload, and the peak huge-page
+    MiB of this process (where the guest RAM lives) during the run."""
     console = Capture()
-    if mode == "plain":
-        with Machine(256 * MiB, console=console) as m:
-            m.boot(str(KERNELS / "bench.elf"), cmdline)
-            result = m.run(600)
-    else:
-        with Machine(256 * MiB, partitions=2, console=console, console2=console) as m:
-            mv = Microvisor(m)
-            bench = mv.boot(str(KERNELS / "bench.elf"), cmdline)
-            if mode != "devirtualized":
-                mv.virtualize()  # before the first instruction: the whole run is trapped
+    transition: dict[str, float] = {}
+    with harness.PeakBacking(os.getpid(), interval_s=0.2) as backing:
+        if mode == "plain":
+            with Machine(256 * MiB, console=console) as m:
+                m.boot(str(KERNELS / "bench.elf"), cmdline)
+                result = m.run(600)
+                backing.sample()  # before the guest RAM is unmapped
+        else:
+            with Machine(256 * MiB, partitions=2, console=console, console2=console) as m:
+                mv = Microvisor(m)
+                bench = mv.boot(str(KERNELS / "bench.elf"), cmdline)
+                mv.virtualize()  # before the first instruction
+                driver = None
                 if mode == "virtualized+idle":
                     mv.start(str(KERNELS / "probe.elf"), "console=ttyS1 probe=idle", name="b")
                     _end_when_retired(m, bench)
-            result = mv.run(600)
-            result = bench.result or result
+                elif mode == "devirtualized":
+                    driver = threading.Thread(
+                        target=_cycle_then_devirtualize, args=(mv, transition)
+                    )
+                    driver.start()
+                result = mv.run(600)
+                backing.sample()
+                if driver:
+                    driver.join(30)
+                result = bench.result or result
     if result.reason != "exit" or result.status != 0:
         sys.exit(f"bench.elf failed in mode {mode}: {result.message}\n{console.data.decode()}")
-    return console.bench_lines()
+    if mode == "devirtualized":
+        done = transition.get("devirtualized_at")
+        if done is None or console.waited_at is None or done >= console.waited_at:
+            sys.exit(
+                "devirtualized: the node had not devirtualized before the workloads "
+                f"started ({transition}, waited at {console.waited_at}); raise --wait-ms"
+            )
+        if not transition["switches"]:
+            sys.exit("devirtualized: no world switch happened while virtualized")
+    return console.bench_lines(), backing.huge_mib()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--aa", default=None, help="A/A: this mode against itself")
+    parser.add_argument("--wait-ms", type=int, default=1000, help="bench.elf's wait_ms")
+    parser.add_argument("--args", default="", help="extra bench.elf arguments")
     parser.add_argument("--switch-seconds", type=float, default=2.0)
     parser.add_argument("--kicks", type=int, default=300)
+    harness.add_arguments(parser, harness.Plan(min_rounds=10, max_rounds=20, time_cap_s=480))
     args = parser.parse_args()
+    pinning = harness.Pinning.split(args.pin)
+    pinning.apply_measured()  # the vCPU threads started later inherit it
+    state_before = harness.machine_state()
 
     switch = world_switch(args.switch_seconds)
     kick = kick_latency(args.kicks)
     if args.rounds == 0:  # latency only
-        report({"world_switch": switch, "kick": kick}, "microvisor: latencies only")
+        report(
+            {"world_switch": switch, "kick": kick, "machine_before": state_before},
+            f"microvisor: world switch p50 {switch['latency_us']['median']:.0f} us "
+            f"CI {switch['latency_us'].get('median_ci95')}; kick p50 "
+            f"{kick['latency_us']['median']:.0f} us",
+        )
         return
-    modes = ("plain", "devirtualized", "virtualized", "virtualized+idle")
-    cmdline = f"console=ttyS0 run={','.join(WORKLOADS)}"
-    cycles: dict[str, dict[str, list[int]]] = {m: {w: [] for w in WORKLOADS} for m in modes}
+    cmdline = f"console=ttyS0 run={','.join(WORKLOADS)} wait_ms={args.wait_ms} {args.args}"
     results: dict[str, set[str]] = {w: set() for w in WORKLOADS}
-    for _ in range(args.rounds):
-        for mode in modes:  # alternating, so drift hits every mode alike
-            lines = bench_run(mode, cmdline)
+    huge_mib: dict[str, list[float]] = {}
+
+    def runner(name: str, mode: str) -> harness.Runner:
+        def once() -> dict[str, float]:
+            lines, huge = bench_run(mode, cmdline.strip())
+            huge_mib.setdefault(name, []).append(huge)
             for w in WORKLOADS:
-                cycles[mode][w].append(lines[w]["cycles"])
                 results[w].add(lines[w]["result"])
+            return {w: lines[w]["cycles"] for w in WORKLOADS}
+
+        return once
+
+    modes = args.modes.split(",")
+    configs = {mode: runner(mode, mode) for mode in modes}
+    baseline = "plain" if "plain" in configs else modes[0]
+    if args.aa:
+        configs = {n: runner(n, args.aa) for n in (args.aa, f"{args.aa}'")}
+        baseline = args.aa
+    rounds = harness.run_rounds(
+        configs, baseline, harness.plan_from(args), progress=harness.stderr_progress("microvisor")
+    )
+    out = rounds.to_json()
     overhead = {}
-    for mode in modes[1:]:
-        per = {
-            w: statistics.median(cycles[mode][w]) / statistics.median(cycles["plain"][w]) - 1
-            for w in WORKLOADS
+    for mode, per in out["ratios"].items():
+        overhead[mode] = {
+            w: {
+                "percent": round((r["ratio"] - 1) * 100, 3),
+                "ci95_percent": [round((x - 1) * 100, 3) for x in r.get("ci95", [])],
+            }
+            for w, r in per.items()
         }
-        overhead[mode] = {w: round(v * 100, 2) for w, v in per.items()}
-        overhead[mode]["mean"] = round(statistics.mean(per.values()) * 100, 2)
+        overhead[mode]["mean_percent"] = round(
+            statistics.mean(r["ratio"] - 1 for r in per.values()) * 100, 3
+        )
     result = {
         "benchmark": "microvisor",
+        "mode": f"A/A {args.aa}" if args.aa else "modes",
+        "cmdline": cmdline.strip(),
         "world_switch": switch,
         "kick": kick,
+        **out,
         "cpu_overhead_percent": overhead,
         "results_consistent": all(len(v) == 1 for v in results.values()),
-        "rounds": args.rounds,
+        "backing": {n: harness.backing_summary(v, STREAM_MIB) for n, v in huge_mib.items()},
+        "pinning": pinning.to_json(),
+        "machine_before": state_before,
+        "machine_after": harness.machine_state(),
     }
+    parts = [
+        f"{mode} " + ", ".join(f"{w} {harness.ci_text(r, percent=True)}" for w, r in per.items())
+        for mode, per in out["ratios"].items()
+    ]
     report(
         result,
         f"microvisor: world switch p50 {switch['latency_us']['median']:.0f} us "
-        f"p99 {switch['latency_us']['p99']:.0f} us; kick p50 "
-        f"{kick['latency_us']['median']:.0f} us; CPU overhead devirtualized "
-        f"{overhead['devirtualized']['mean']:+.2f}%, virtualized "
-        f"{overhead['virtualized']['mean']:+.2f}%, with idle second instance "
-        f"{overhead['virtualized+idle']['mean']:+.2f}%",
+        f"CI {switch['latency_us'].get('median_ci95')} p99 {switch['latency_us']['p99']:.0f} us; "
+        f"kick p50 {kick['latency_us']['median']:.0f} us; CPU overhead vs {baseline} "
+        f"({out['method']['rounds']} rounds, {out['method']['stop_reason']}): " + "; ".join(parts),
     )
 
 

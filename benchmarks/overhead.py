@@ -1,16 +1,26 @@
 """CPU overhead: bench.elf's workloads under pyvmm, under QEMU microvm (same
 kernel.elf) and natively on the host (bench-native, same workload source), in
-alternating runs. Ratios are of median TSC cycles.
+alternating rounds through benchmarks/harness.py. Ratios are of TSC cycles, the
+median of per-round ratios with a bootstrap 95% CI.
 
-    python benchmarks/overhead.py [--runs 3] [--run alu,stream,chase,crc32,syscall,timer]
+    python benchmarks/overhead.py [--run alu,stream,chase,crc32,syscall,timer]
+        [--platforms pyvmm,qemu,native] [--native-hugepages match|on|off]
+        [--aa pyvmm] [--rounds 10] [--precision 0.5] [--time-cap 480] [--pin]
+
+``--aa pyvmm`` compares pyvmm against itself (the noise check). Memory backing:
+pyvmm's guest RAM is madvise(MADV_HUGEPAGE)d, bench-native uses 4 KiB pages unless
+given hugepages=1; ``match`` (default) gives native the backing a probe run of
+pyvmm got, and every run's peak huge-page MiB is reported per platform.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 
-from bench_runs import host_tsc_khz, native, under_pyvmm, under_qemu
+import harness
+from bench_runs import STREAM_MIB, BenchRun, host_tsc_khz, native, under_pyvmm, under_qemu
 from common import report
 
 DEFAULT_RUN = "alu,stream,chase,crc32,syscall,timer"
@@ -19,44 +29,96 @@ COMPUTE = ("alu", "stream", "chase", "crc32")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--run", default=DEFAULT_RUN)
+    parser.add_argument("--platforms", default="pyvmm,qemu,native")
+    parser.add_argument("--native-hugepages", choices=("match", "on", "off"), default="match")
+    parser.add_argument("--aa", default=None, help="A/A: this platform against itself")
+    parser.add_argument("--args", default="", help="extra bench.elf arguments (e.g. n_alu=1000000)")
+    harness.add_arguments(parser, harness.Plan(min_rounds=10, max_rounds=20, time_cap_s=480))
     args = parser.parse_args()
+    pinning = harness.Pinning.split(args.pin)
+    pinning.apply_measured()
+    state_before = harness.machine_state()
     khz = host_tsc_khz()
     workloads = args.run.split(",")
-    cycles = {p: {w: [] for w in workloads} for p in ("pyvmm", "qemu", "native")}
+    bench_args = f"run={args.run} {args.args}".strip()
+
+    if args.native_hugepages == "match":
+        probe = under_pyvmm("run=stream n_stream=1", khz)
+        native_huge = probe.huge_mib >= STREAM_MIB
+    else:
+        native_huge = args.native_hugepages == "on"
+    runners: dict[str, Callable[[], BenchRun]] = {
+        "pyvmm": lambda: under_pyvmm(bench_args, khz),
+        "qemu": lambda: under_qemu(bench_args, khz),
+        "native": lambda: native(bench_args, khz, native_huge),
+    }
+    platforms = args.platforms.split(",")
     checksums: dict[str, set[str]] = {w: set() for w in workloads}
-    for _ in range(args.runs):
-        for platform, runner in (("pyvmm", under_pyvmm), ("qemu", under_qemu), ("native", native)):
-            lines = runner(f"run={args.run}", khz)
+    huge_mib: dict[str, list[float]] = {}
+
+    def measured(name: str, run: Callable[[], BenchRun]) -> harness.Runner:
+        def once() -> dict[str, float]:
+            done = run()
             for w in workloads:
-                cycles[platform][w].append(lines[w]["cycles"])
-                checksums[w].add(lines[w]["result"])
-    table = {}
-    for w in workloads:
-        med = {p: statistics.median(cycles[p][w]) for p in cycles}
-        table[w] = {
-            "pyvmm_cycles": med["pyvmm"],
-            "qemu_cycles": med["qemu"],
-            "native_cycles": med["native"],
-            "pyvmm_over_native": round(med["pyvmm"] / med["native"], 4),
-            "pyvmm_over_qemu": round(med["pyvmm"] / med["qemu"], 4),
+                checksums[w].add(done.lines[w]["result"])
+            huge_mib.setdefault(name, []).append(done.huge_mib)
+            return done.cycles(workloads)
+
+        return once
+
+    configs = {p: measured(p, runners[p]) for p in platforms}
+    baseline = "native" if "native" in configs else platforms[0]
+    if args.aa:
+        configs = {n: measured(n, runners[args.aa]) for n in (args.aa, f"{args.aa}'")}
+        baseline = args.aa
+    rounds = harness.run_rounds(
+        configs, baseline, harness.plan_from(args), progress=harness.stderr_progress("overhead")
+    )
+    out = rounds.to_json()
+    seconds = {
+        name: {w: round(s["median"] / khz / 1000, 3) for w, s in per.items()}
+        for name, per in out["configs"].items()
+    }
+    extra = {}
+    if {"pyvmm", "qemu"} <= set(rounds.samples):
+        pq = rounds.samples
+        extra["pyvmm_over_qemu"] = {
+            w: harness.paired_ratio(pq["pyvmm"][w], pq["qemu"][w]) for w in workloads
         }
-    compute_vs_native = [table[w]["pyvmm_over_native"] for w in workloads if w in COMPUTE]
     result = {
         "benchmark": "overhead",
-        "runs": args.runs,
+        "mode": f"A/A {args.aa}" if args.aa else "platforms",
         "tsc_khz": khz,
-        "workloads": table,
+        "bench_args": bench_args,
+        **out,
+        **extra,
+        "workload_seconds_median": seconds,
         "results_identical": all(len(v) == 1 for v in checksums.values()),
+        "backing": {
+            "native_hugepages": native_huge,
+            "stream_mib": STREAM_MIB,
+            **{n: harness.backing_summary(v, STREAM_MIB) for n, v in huge_mib.items()},
+        },
+        "pinning": pinning.to_json(),
+        "machine_before": state_before,
+        "machine_after": harness.machine_state(),
     }
-    worst_qemu = max(table[w]["pyvmm_over_qemu"] for w in workloads)
+    parts = []
+    for name, per in out["ratios"].items():
+        parts.append(
+            f"{name}/{baseline} " + ", ".join(f"{w} {harness.ci_text(per[w])}" for w in workloads)
+        )
+        compute = [per[w]["ratio"] for w in workloads if w in COMPUTE]
+        if compute:
+            parts[-1] += f" (CPL3 compute mean {statistics.mean(compute):.4f})"
+    widest = rounds.widest() * 100
     report(
         result,
-        "overhead: pyvmm/native "
-        + ", ".join(f"{w} {table[w]['pyvmm_over_native']:.3f}" for w in workloads)
-        + f"; CPL3 compute mean {statistics.mean(compute_vs_native):.3f}; "
-        f"worst pyvmm/QEMU {worst_qemu:.3f}; results identical: {result['results_identical']}",
+        f"overhead: {out['method']['rounds']} rounds ({out['method']['stop_reason']}), "
+        + "; ".join(parts)
+        + f"; widest CI ±{widest:.2f}%; results identical: {result['results_identical']}; "
+        f"native huge pages {native_huge}",
     )
 
 
