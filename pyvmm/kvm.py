@@ -168,6 +168,11 @@ class Vm(_Fd):
         region = s.kvm_userspace_memory_region(slot, flags, guest_phys_addr, size, host_addr)
         _ioctl(self.fd, n.KVM_SET_USER_MEMORY_REGION, region)
 
+    def delete_memory_region(self, slot: int) -> None:
+        """Remove a memory slot (a region of size 0); the host memory stays as it is."""
+        region = s.kvm_userspace_memory_region(slot, 0, 0, 0, 0)
+        _ioctl(self.fd, n.KVM_SET_USER_MEMORY_REGION, region)
+
     def set_tss_addr(self, address: int) -> None:
         _ioctl_ulong(self.fd, n.KVM_SET_TSS_ADDR, address)
 

@@ -110,8 +110,8 @@ class Machine:
         self.vm.set_tss_addr(TSS_ADDR)
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.memory = GuestMemory(mem_size, partitions)
-        for slot, (gpa, size, host) in enumerate(self.memory.slots()):
-            self.vm.set_user_memory_region(slot, gpa, size, host)
+        for slot in self.memory.slots():
+            self.vm.set_user_memory_region(slot.slot, slot.gpa, slot.size, slot.host_address)
         self.vm.create_irqchip()
         self.vm.create_pit2(n.KVM_PIT_SPEAKER_DUMMY)
 

@@ -89,6 +89,15 @@ class Partition(Record, frozen=True):
         return f"partition {self.index} [{self.base:#x}-{self.end:#x})"
 
 
+class MemorySlot(Record, frozen=True):
+    """A KVM memory slot: guest-physical [gpa, gpa + size) backed at host_address."""
+
+    slot: int
+    gpa: int
+    size: int
+    host_address: int
+
+
 class GuestMemory:
     """Guest RAM at guest-physical [0, size), backed by an anonymous host mapping."""
 
@@ -179,9 +188,17 @@ class GuestMemory:
         length = self.size - gpa if length is None else length
         return np.frombuffer(self.view(gpa, length), dtype=np.uint8)
 
-    def slots(self) -> Iterator[tuple[int, int, int]]:
-        """(guest_phys_addr, size, host_address) for each KVM memory slot."""
-        yield 0, self.size, self.host_address
+    def slots(self) -> Iterator[MemorySlot]:
+        """The KVM memory slots of guest RAM: one per partition, so that a partition
+        can be unmapped from the guest (and mapped again) on its own."""
+        for partition in self.partitions:
+            yield self.partition_slot(partition)
+
+    def partition_slot(self, partition: Partition) -> MemorySlot:
+        """The KVM memory slot that maps ``partition`` (slot number = partition index)."""
+        return MemorySlot(
+            partition.index, partition.base, partition.size, self.host_address + partition.base
+        )
 
     def partition_writer(self, partition: Partition) -> PartitionMemory:
         return PartitionMemory(self, partition)

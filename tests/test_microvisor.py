@@ -19,11 +19,13 @@ MiB = 1 << 20
 class Node:
     """A two-partition node whose consoles are captured, driven from a script thread."""
 
-    def __init__(self, kernels, first: str = "probe.elf", cmdline: str = "probe=spin") -> None:
+    def __init__(
+        self, kernels, first: str = "probe.elf", cmdline: str = "probe=spin", mem: int = 256 * MiB
+    ) -> None:
         self.kernels = kernels
         self.out = bytearray()
         self.lock = threading.Lock()
-        self.machine = Machine(256 * MiB, partitions=2, console=self._write, console2=self._write)
+        self.machine = Machine(mem, partitions=2, console=self._write, console2=self._write)
         self.mv = Microvisor(self.machine)
         self.mv.boot(str(kernels / first), f"console=ttyS0 {cmdline}")
 

@@ -111,7 +111,8 @@ int kmain(void)
 		return echo_irq();
 	if (!strncmp(action, "user-exit:", 10) || !strcmp(action, "user-fault") || !strcmp(action, "clock") ||
 	    !strcmp(action, "timer") || !strcmp(action, "syscall") || !strcmp(action, "user-echo-irq") ||
-	    !strcmp(action, "user-map") || !strcmp(action, "idle"))
+	    !strcmp(action, "user-map") || !strcmp(action, "idle") || !strcmp(action, "compute") ||
+	    !strcmp(action, "scribble"))
 		user_run();	/* probe/user/probe_user.c, at CPL3 */
 	if (!strcmp(action, "unemulatable")) {
 		probe_unemulatable();

@@ -8,6 +8,7 @@ from ..cpu_state import CpuState
 from ..devices.bus import MmioBus, PortIoBus
 from ..machine import RunResult
 from ..memory import Partition
+from .isolation import RefusalLog
 
 RUNNING = "running"
 RETIRED = "retired"
@@ -49,6 +50,8 @@ class OsInstance:
         self.wake_at: float | None = None  # when its own timer fires, if halted
         self.slices = 0
         self.refused = 0  # accesses to devices it does not own
+        self.refused_memory = 0  # accesses to guest RAM outside its partition
+        self.refusals = RefusalLog(name)  # the log lines of both, rate-limited
         # What it runs: set by record_image when it is booted.
         self.kernel: str | None = None
         self.kernel_sha256: str | None = None
@@ -79,6 +82,7 @@ class OsInstance:
             "paused": self.paused,
             "slices": self.slices,
             "refused_accesses": self.refused,
+            "refused_memory_accesses": self.refused_memory,
             "result": None if self.result is None else self.result.reason,
             "kernel": self.kernel,
             "kernel_sha256": self.kernel_sha256,

@@ -28,6 +28,7 @@ from ..machine import HANDOVER, Machine, RunResult, apply_entry_state
 from ..memory import Partition
 from .instance import RETIRED, OsInstance
 from .interrupts import IrqRouter
+from .isolation import SYMMETRIC, PartitionSlots
 from .ownership import build_views
 from .timers import Alarm, interrupt_pending, timer_due_in
 
@@ -45,7 +46,9 @@ class MicrovisorError(Exception):
 
 
 class Microvisor:
-    def __init__(self, machine: Machine, slice_s: float = DEFAULT_SLICE_S) -> None:
+    def __init__(
+        self, machine: Machine, slice_s: float = DEFAULT_SLICE_S, isolation: str = SYMMETRIC
+    ) -> None:
         if len(machine.memory.partitions) < 2 or machine.pristine is None:
             raise MicrovisorError("the node needs two partitions to run a second instance")
         self.machine = machine
@@ -66,6 +69,8 @@ class Microvisor:
         self.virtualized_reason: str | None = None
         # How the last upgrade ended (or how far it is): set by maintenance.Upgrade.
         self.last_upgrade: dict[str, object] | None = None
+        # Guest RAM the running instance can reach: its own partition (isolation.py).
+        self.slots = PartitionSlots(machine.vm, machine.memory, isolation)
 
     # --- instances ---------------------------------------------------------------
 
@@ -76,6 +81,7 @@ class Microvisor:
             raise MicrovisorError("the first instance is already booted")
         self.machine.boot(kernel, cmdline, partition=0)
         partition = self.machine.memory.partitions[0]
+        self.slots.enter(partition, [partition])  # the spare partition is not the guest's
         instance = OsInstance(name, partition, copy_state(self.machine.pristine))
         instance.record_image(kernel, cmdline)
         partitions = self.machine.memory.partitions[1:]
@@ -171,6 +177,18 @@ class Microvisor:
                 "p99": pct(0.99),
                 "max": pct(1.0),
             },
+            "isolation": self._isolation_status(),
+        }
+
+    def _isolation_status(self) -> dict[str, object]:
+        changes = sorted(self.slots.change_latency)
+        first = self.slots.first_update_s
+        return {
+            "mode": self.slots.mode,
+            "mapped_partitions": sorted(self.slots.mapped),
+            "slot_updates": self.slots.updates,
+            "first_slot_update_us": None if first is None else round(first * 1e6, 1),
+            "slot_change_us_p50": round(changes[len(changes) // 2] * 1e6, 1) if changes else None,
         }
 
     def _on_vcpu(self, operation: Callable[[], T]) -> T:
@@ -203,10 +221,11 @@ class Microvisor:
         if self.current is None:
             raise MicrovisorError("no instance is running")
         for instance in self.live():
-            build_views(instance, self.machine.devices, self._node_pio_bus, self._node_mmio_bus)
+            self._build_views(instance)
         self.router.attach([line for a in self.machine.devices.values() for line in a.irqs])
         self._assign_lines()
         self.router.current = self.current
+        self.slots.trusted = self.current.partition  # for the protect-first mode
         self.machine.pio, self.machine.mmio = self.current.pio, self.current.mmio
         self.mode = VIRTUALIZED
         self._slice_started = time.monotonic()
@@ -226,6 +245,9 @@ class Microvisor:
             if survivor is not self.current:
                 self._switch(survivor)
             self.router.detach()
+        self.slots.map_only({survivor.partition.index})  # and so it stays, devirtualized
+        for instance in self.instances.values():
+            instance.refusals.flush()
         self.machine.pio, self.machine.mmio = self._node_pio_bus, self._node_mmio_bus
         self._alarm.set(None)
         ours = f"com{survivor.partition.index + 1}"
@@ -248,7 +270,7 @@ class Microvisor:
         self.machine.consoles[console].label = f"[{instance.name}] ".encode()
         for shared in self.machine.consoles.values():
             shared.line_mode = True
-        build_views(instance, self.machine.devices, self._node_pio_bus, self._node_mmio_bus)
+        self._build_views(instance)
         self._assign_lines()
         self.machine.hand_over()  # let the scheduler consider the newcomer now
         return instance
@@ -283,10 +305,19 @@ class Microvisor:
             raise MicrovisorError("devices move between instances only while virtualized")
         self._give(device, target)
         for instance in self.live():
-            build_views(instance, self.machine.devices, self._node_pio_bus, self._node_mmio_bus)
+            self._build_views(instance)
         if self.current is not None:
             self.machine.pio, self.machine.mmio = self.current.pio, self.current.mmio
         self._assign_lines()
+
+    def _build_views(self, instance: OsInstance) -> None:
+        build_views(
+            instance,
+            self.machine.devices,
+            self._node_pio_bus,
+            self._node_mmio_bus,
+            self.machine.memory.size,
+        )
 
     def _give(self, device: str, owner: OsInstance) -> None:
         """Make ``owner`` the only owner of ``device``. A DMA-capable device is reset and
@@ -424,6 +455,7 @@ class Microvisor:
                 self.redelivered += 1
             due = timer_due_in(previous.cpu, machine.tsc_khz) if previous.halted else None
             previous.wake_at = None if due is None else time.monotonic() + due
+        self.slots.enter(to.partition, [i.partition for i in self.live()])
         machine.switcher.restore(to.cpu)
         machine.pio, machine.mmio = to.pio, to.mmio
         self.current = to

@@ -1,22 +1,31 @@
-"""Per-instance views of the node's buses: an instance reaches only what it owns."""
+"""Per-instance views of the node's buses: an instance reaches only what it owns.
+
+A miss on an instance's MMIO view is one of three things: a device window of another
+instance (refused), guest RAM outside the instance's partition, which KVM reports as
+MMIO because that partition's memory slot is not mapped while the instance runs
+(refused, see ``isolation``), or open bus. Refused reads give all-ones and refused
+writes are dropped, as on an open bus; both are counted per instance and logged at
+most ten lines a second per instance (``RefusalLog``).
+"""
 
 from __future__ import annotations
-
-import logging
 
 from ..devices.bus import Bus
 from ..machine import Attachment
 from .instance import OsInstance
 
-log = logging.getLogger("pyvmm.microvisor")
-
 
 def build_views(
-    instance: OsInstance, attachments: dict[str, Attachment], node_pio: Bus, node_mmio: Bus
+    instance: OsInstance,
+    attachments: dict[str, Attachment],
+    node_pio: Bus,
+    node_mmio: Bus,
+    ram_size: int = 0,
 ) -> None:
-    """(Re)build an instance's bus views from the devices it owns."""
+    """(Re)build an instance's bus views from the devices it owns. ``ram_size``: guest
+    RAM is [0, ram_size); a miss there is an access outside the instance's partition."""
     instance.pio = _RefusingBus(instance, node_pio)
-    instance.mmio = _RefusingBus(instance, node_mmio)
+    instance.mmio = _RefusingBus(instance, node_mmio, ram_size)
     for attachment in attachments.values():
         if attachment.per_instance or attachment.name in instance.devices:
             for base, size in attachment.ports:
@@ -26,19 +35,27 @@ def build_views(
 
 
 class _RefusingBus(Bus):
-    """A bus view whose misses on another instance's device are refused and logged."""
+    """A bus view whose misses on another instance's device or RAM are refused."""
 
-    def __init__(self, instance: OsInstance, node_bus: Bus) -> None:
+    def __init__(self, instance: OsInstance, node_bus: Bus, ram_size: int = 0) -> None:
         super().__init__(f"{node_bus.name} of {instance.name}", node_bus.granule_shift)
         self._instance = instance
         self._node_bus = node_bus
+        self._ram_size = ram_size
 
     def missed(self, address: int, data: memoryview, is_write: bool) -> None:
-        if self._node_bus.find(address) is not None:
-            self._instance.refused += 1
-            log.warning(
-                "%s: refused %s of %#x: the device belongs to another instance",
-                self._instance.name,
+        instance = self._instance
+        if address < self._ram_size:
+            instance.refused_memory += 1
+            instance.refusals.refused(
+                "refused %s of guest RAM at %#x: outside its partition",
+                "write" if is_write else "read",
+                address,
+            )
+        elif self._node_bus.find(address) is not None:
+            instance.refused += 1
+            instance.refusals.refused(
+                "refused %s of %#x: the device belongs to another instance",
                 "write" if is_write else "read",
                 address,
             )

@@ -11,6 +11,13 @@
  *                pin, SYS_wait_interrupt reports it; the line is echoed
  *   idle         an idle OS: no timer, waits for interrupts forever (tickless);
  *                the microvisor's "idle second instance"
+ *   compute      fills a buffer (mib=, default 16) with a function of round and
+ *                index and checks every word, forever (or rounds=); a line every
+ *                16 rounds; a word that changed in between is an error
+ *   scribble     maps [target=, target+size=) (another partition) and, once a
+ *                byte arrives on its console, reads then writes one word in every
+ *                4 KiB page of it, passes= times (default 1); then idles;
+ *                with exec=1 it jumps into the range instead
  */
 #include "ulib.h"
 
@@ -90,10 +97,16 @@ static int map(void)
 	return io == (int64_t)IOAPIC && kern == -E_PERM && high == -E_INVAL ? 0 : 1;
 }
 
-static int echo_irq(void)
+static int console_com2(void)
 {
 	const char *con = uarg("console");
-	int com2 = con && !strncmp(con, "ttyS1", 5) && (!con[5] || con[5] == ',');
+
+	return con && !strncmp(con, "ttyS1", 5) && (!con[5] || con[5] == ',');
+}
+
+static int echo_irq(void)
+{
+	int com2 = console_com2();
 	uint16_t port = com2 ? 0x2f8 : 0x3f8;
 	unsigned pin = com2 ? 3 : 4, irqs = 0, n = 0, done = 0;
 	char line[LINE_MAX + 1];
@@ -117,6 +130,75 @@ static int echo_irq(void)
 	line[n] = 0;
 	uprintf("probe: echo=\"%s\" irqs=%u\n", line, irqs);
 	return 0;
+}
+
+static uint64_t mix(uint64_t x)
+{
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdUL;
+	x ^= x >> 33;
+	return x;
+}
+
+static int compute(void)
+{
+	uint64_t words = uarg_u64("mib", 16) << 17, rounds = uarg_u64("rounds", 0), errors = 0;
+	uint64_t *buf = ualloc(words * 8, 4096);
+
+	if (!buf) {
+		uprintf("probe: error=out-of-memory\n");
+		return 1;
+	}
+	for (uint64_t r = 1; !rounds || r <= rounds; r++) {
+		for (uint64_t i = 0; i < words; i++)
+			((volatile uint64_t *)buf)[i] = mix(r * words + i);
+		for (uint64_t i = 0; i < words; i++)
+			if (((volatile uint64_t *)buf)[i] != mix(r * words + i))
+				errors++;
+		if (r % 16 == 0 || r == rounds)
+			uprintf("probe: compute rounds=%lu errors=%lu\n", r, errors);
+	}
+	return errors ? 1 : 0;
+}
+
+#define SCRIBBLE_OFFSET	0x7f8UL
+#define SCRIBBLE_MAGIC	0x5c21bb1e00000000UL	/* | the page number */
+
+static int scribble(void)
+{
+	uint64_t target = uarg_u64("target", 0), size = uarg_u64("size", 0);
+	uint64_t passes = uarg_u64("passes", 1);
+	uint16_t port = console_com2() ? 0x2f8 : 0x3f8;
+
+	if (!size || sys_map(target, size, 0) != (int64_t)target) {
+		uprintf("probe: error=scribble-map\n");
+		return 1;
+	}
+	if (uarg_u64("exec", 0)) {
+		uprintf("probe: scribble exec=0x%lx\n", target + 4096);
+		((void (*)(void))(target + 4096))();
+		uprintf("probe: scribble exec returned\n");
+		return 1;
+	}
+	uprintf("probe: scribble ready\n");
+	while (!(uinb(port + 5) & 0x01))	/* LSR.DR: the go */
+		;
+	(void)uinb(port);
+	for (uint64_t p = 1; p <= passes; p++) {
+		uint64_t pages = 0, ones = 0;
+
+		for (uint64_t a = target; a < target + size; a += 4096, pages++) {
+			volatile uint64_t *word = (volatile uint64_t *)(a + SCRIBBLE_OFFSET);
+
+			if (*word == ~0UL)
+				ones++;
+			*word = SCRIBBLE_MAGIC | (a >> 12);
+		}
+		uprintf("probe: scribble pass=%lu pages=%lu all_ones=%lu\n", p, pages, ones);
+	}
+	uprintf("probe: scribble done\n");
+	for (;;)
+		sys_wait_interrupt();
 }
 
 int umain(void)
@@ -145,6 +227,10 @@ int umain(void)
 	}
 	if (!strcmp(action, "user-echo-irq"))
 		return echo_irq();
+	if (!strcmp(action, "compute"))
+		return compute();
+	if (!strcmp(action, "scribble"))
+		return scribble();
 	uprintf("probe: error=unknown-action\n");
 	return 2;
 }
