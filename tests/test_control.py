@@ -160,7 +160,7 @@ def test_status_has_a_schema_and_every_field_is_documented(node):
     assert resources["fds"] == sum(resources["fd_kinds"].values()) > 0
     assert resources["client_sockets"] >= 1  # the asking connection, not counted in fds
     docs = (ROOT / "docs" / "status.md").read_text()
-    nested = [status, status["instances"][0], status["service"], resources]
+    nested = [status, status["instances"][0], status["service"], resources, status["isolation"]]
     for fields in nested:
         for field in fields:
             assert f"`{field}`" in docs, field
