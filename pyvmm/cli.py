@@ -105,7 +105,9 @@ def devirtualize(as_json: JsonOption = False) -> None:
 def start(
     kernel: Annotated[str, typer.Argument(help="PVH kernel for the new instance")],
     name: Annotated[str | None, typer.Option(help="instance name")] = None,
-    cmdline: Annotated[str, typer.Option(help="its command line")] = "console=ttyS1",
+    cmdline: Annotated[
+        str, typer.Option(help="its command line (console=ttyS<partition> is added unless given)")
+    ] = "",
     devices: Annotated[
         list[str] | None,
         typer.Option("--device", help="a device it owns from the start (repeatable)"),

@@ -15,9 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 from .control_client import MAX_REQUEST, encode
-from .errors import PyvmmError
-from .microvisor import Microvisor, MicrovisorError
+from .errors import PyvmmError, UsageError
+from .microvisor import Busy, Microvisor, MicrovisorError, RequestFailed
 from .microvisor.health import node_status
+
+# Error codes of a reply {"ok": false, "code": ..., "error": "<sentence>"}:
+BUSY = "busy"  # another mutating operation is running; retry later, nothing changed
+INVALID = "invalid"  # malformed, or makes no sense in the node's state; nothing changed
+FAILED = "failed"  # tried and failed (an upgrade that rolls back is ok: true instead)
 
 
 class RequestError(Exception):
@@ -41,9 +46,10 @@ def _operations(
         name = r.get("name")
         if name is not None and (not isinstance(name, str) or not name):
             raise RequestError("'name' must be a non-empty string")
-        instance = mv.start(
-            _text(r, "kernel"), _text(r, "cmdline", "console=ttyS1"), name, tuple(devices)
-        )
+        cmdline = r.get("cmdline", "")
+        if not isinstance(cmdline, str):
+            raise RequestError("'cmdline' must be a string")
+        instance = mv.start(_text(r, "kernel"), cmdline, name, tuple(devices))
         return instance.describe()
 
     def upgrade(r: dict[str, Any]) -> object:
@@ -119,11 +125,23 @@ def handle(
             raise RequestError(f"unknown op {op!r}; one of {', '.join(sorted(operations))}")
         return {"ok": True, "result": operations[op](request)}
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return {"ok": False, "error": "malformed request: not a JSON line"}
-    except (RequestError, MicrovisorError, PyvmmError) as exc:
-        return {"ok": False, "error": str(exc)}
+        return _error(INVALID, "malformed request: not a JSON line")
+    except Busy as exc:
+        return _error(BUSY, str(exc))
+    except (RequestError, UsageError) as exc:
+        return _error(INVALID, str(exc))
+    except RequestFailed as exc:
+        return _error(FAILED, str(exc))
+    except MicrovisorError as exc:
+        return _error(INVALID, str(exc))  # makes no sense now: nothing was changed
+    except PyvmmError as exc:
+        return _error(FAILED, str(exc))
     except OSError as exc:
-        return {"ok": False, "error": f"host error: {exc}"}
+        return _error(FAILED, f"host error: {exc}")
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "code": code, "error": message}
 
 
 class ControlServer:
@@ -165,7 +183,7 @@ class ControlServer:
                 if not line:
                     return
                 if len(line) > MAX_REQUEST:
-                    reply = {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
+                    reply = _error(INVALID, f"request longer than {MAX_REQUEST} bytes")
                     conn.sendall(encode(reply))
                     return
 

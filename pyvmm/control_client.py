@@ -2,8 +2,12 @@
 
 A node's control socket speaks newline-delimited JSON over a Unix socket. A request is
 one object ``{"op": "<name>", ...arguments}``; the reply is one line, ``{"ok": true,
-"result": ...}`` or ``{"ok": false, "error": "..."}``. Long operations (upgrade) may
-send ``{"progress": {...}}`` lines before it.
+"result": ...}`` or ``{"ok": false, "code": "...", "error": "..."}``, where ``code`` is
+``busy`` (another mutating operation runs: start, stop, move, virtualize,
+devirtualize, pause, resume and upgrade go one at a time; retry later), ``invalid``
+(malformed, or makes no sense in the node's state) or ``failed`` (tried and failed);
+in each case nothing was changed. Long operations (upgrade) may send
+``{"progress": {...}}`` lines before it.
 
 This module imports only the standard library and ``pyvmm.errors``: the CLI's fast
 path, the server (``pyvmm.control``) and the Ansible modules, which run on a node's

@@ -97,7 +97,7 @@ CTL_COMMANDS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, type, object
         ("kernel",),
         {
             "--name": ("name", str, None),
-            "--cmdline": ("cmdline", str, "console=ttyS1"),
+            "--cmdline": ("cmdline", str, ""),
             "--device": ("devices", list, None),
             **JSON_OPTION,
         },

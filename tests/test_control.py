@@ -84,7 +84,7 @@ def test_maintenance_commands_end_to_end(node, kernels):
         "--name",
         "b",
         "--cmdline",
-        "console=ttyS1 probe=spin",
+        "probe=spin",  # no console named: pyvmm adds the partition's, ttyS1
     )
     assert started.returncode == 0, started.stderr
     assert "started b in partition 1" in started.stdout
@@ -113,6 +113,8 @@ def test_requests_at_the_wrong_moment_are_refused(node, args, message):
     done = ctl(path, *args)
     assert done.returncode == 1
     assert message in done.stderr
+    reply = json.loads(ctl(path, *args, "--json").stdout)
+    assert reply["code"] == "invalid" and message in reply["error"]
     assert "mode: devirtualized" in ctl(path, "status").stdout
 
 
@@ -120,6 +122,7 @@ def test_malformed_requests_get_error_replies(node):
     path, _ = node
     replies = raw(path, b'not json\n{"op": 7}\n[1, 2]\n{"op": "stop"}\n{"op": "status"}\n')
     assert [r["ok"] for r in replies] == [False, False, False, False, True]
+    assert [r.get("code") for r in replies] == ["invalid"] * 4 + [None]
     assert "not a JSON line" in replies[0]["error"]
     assert "unknown op" in replies[1]["error"]
     assert "'name' must be" in replies[3]["error"]

@@ -228,3 +228,107 @@ def test_device_interrupt_reaches_its_owner_after_being_held(kernels):
         node.run_with(script)
     finally:
         node.machine.close()
+
+
+def test_a_request_that_times_out_is_cancelled_never_run_later(node):
+    from pyvmm.microvisor import RequestFailed
+
+    def script(n: Node) -> None:
+        while not n.mv._running:  # the vCPU thread is in run(): requests go to it
+            time.sleep(0.01)
+        n.mv.request_timeout_s = 0.3
+        n.machine.call_on_vcpu(lambda: time.sleep(1.0))  # the vCPU thread is held up
+        with pytest.raises(RequestFailed, match="cancelled, nothing was changed"):
+            n.mv.virtualize()
+        time.sleep(1.0)  # the vCPU thread is free again: the request must not run now
+        assert n.mv.mode == "devirtualized"
+        n.mv.request_timeout_s = 10.0
+        n.mv.virtualize()  # a fresh request works
+        n.mv.devirtualize()
+
+    node.run_with(script)
+
+
+def test_one_mutating_operation_at_a_time(node):
+    from pyvmm.microvisor import Busy
+
+    def script(n: Node) -> None:
+        n.mv.virtualize()
+        outcomes: list[object] = []
+
+        def start(name: str) -> None:
+            try:
+                outcomes.append(n.mv.start(n.kernel("probe.elf"), "probe=spin", name=name))
+            except MicrovisorError as exc:
+                outcomes.append(exc)
+
+        with n.mv.gate.hold("test"):  # as if an upgrade were running
+            for request in (
+                lambda: n.mv.pause("a"),
+                n.mv.devirtualize,
+                lambda: n.mv.stop("a"),
+                lambda: n.mv.move("com1", "a"),
+            ):
+                errors: list[BaseException] = []
+                other = threading.Thread(target=_catch, args=(request, errors))
+                other.start()
+                other.join(2)
+                assert isinstance(errors[0], Busy) and "test is already running" in str(errors[0])
+        # Two starts at once: one boots into the spare partition, the other is refused
+        # (busy) or finds no partition left; never two instances in one partition.
+        threads = [threading.Thread(target=start, args=(name,)) for name in ("b", "c")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        started = [o for o in outcomes if not isinstance(o, BaseException)]
+        assert len(started) == 1, outcomes
+        partitions = [i.partition.index for i in n.mv.live()]
+        assert sorted(partitions) == [0, 1]
+        # Its console was added: the partition's own UART (ttyS1), so its lines show.
+        assert "console=ttyS1" in started[0].cmdline.split()
+        n.wait_for(rf"\[{started[0].name}\] probe: action=spin")
+
+    node.run_with(script)
+
+
+def _catch(request: Callable[[], object], errors: list[BaseException]) -> None:
+    try:
+        request()
+    except BaseException as exc:
+        errors.append(exc)
+
+
+def test_status_never_fails_while_instances_change(node):
+    from pyvmm.microvisor.health import node_status
+
+    failures: list[BaseException] = []
+    asked = [0]
+    done = threading.Event()
+
+    def ask() -> None:
+        while not done.is_set():
+            try:
+                node_status(node.mv)  # ~20 ms (it reads /proc); the rest is cheap
+                for _ in range(20):
+                    node.mv.status()
+                asked[0] += 21
+            except BaseException as exc:
+                failures.append(exc)
+
+    def script(n: Node) -> None:
+        asker = threading.Thread(target=ask)
+        asker.start()
+        try:
+            n.mv.virtualize()
+            for round_ in range(6):
+                n.mv.start(n.kernel("probe.elf"), "probe=spin", name=f"x{round_}")
+                n.mv.stop(f"x{round_}")
+            n.mv.devirtualize()
+        finally:
+            done.set()
+            asker.join(5)
+
+    node.run_with(script, timeout=60)
+    assert not failures, failures[:3]
+    assert asked[0] > 20

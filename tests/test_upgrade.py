@@ -257,6 +257,22 @@ def test_a_second_upgrade_at_the_same_time_is_refused(node):
             assert "progress" in json.loads(reader.readline())  # it is running now
             status, second = node.upgrade("v2")
             assert status != 0 and "already running" in second["error"], second
+            assert second["code"] == "busy"
+            # Every other mutating operation is refused too, at once, and changes nothing.
+            for op, args in [
+                ("start", {"kernel": str(node.kernels / "probe.elf")}),
+                ("stop", {"name": "a"}),
+                ("virtualize", {}),
+                ("devirtualize", {}),
+                ("pause", {"name": "a"}),
+                ("resume", {"name": "a"}),
+                ("move", {"device": "com1", "to": "a"}),
+            ]:
+                asked = time.monotonic()
+                reply = control_request(node, op, **args)
+                assert (reply["ok"], reply["code"]) == (False, "busy"), (op, reply)
+                assert time.monotonic() - asked < 1.0
+            assert control_request(node, "status")["ok"]  # status is not mutating
             reply = json.loads(reader.readline())
             while "ok" not in reply:  # progress lines, then the reply
                 reply = json.loads(reader.readline())

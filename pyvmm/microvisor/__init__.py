@@ -5,6 +5,6 @@ Nothing here runs while the node is devirtualized: the vCPU then runs
 """
 
 from .instance import OsInstance
-from .microvisor import Microvisor, MicrovisorError
+from .microvisor import Busy, Microvisor, MicrovisorError, RequestFailed
 
-__all__ = ["Microvisor", "MicrovisorError", "OsInstance"]
+__all__ = ["Busy", "Microvisor", "MicrovisorError", "OsInstance", "RequestFailed"]

@@ -88,6 +88,10 @@ class Upgrade:
     # --- driver ------------------------------------------------------------------
 
     def run(self) -> dict[str, object]:
+        with self.mv.gate.hold("upgrade"):  # one mutating operation at a time
+            return self._run_once()
+
+    def _run_once(self) -> dict[str, object]:
         if not Upgrade._running.acquire(blocking=False):
             raise PyvmmError("an upgrade is already running on this node")
         self.started = time.monotonic()

@@ -18,7 +18,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from ioctl import numbers as n
@@ -43,6 +44,47 @@ T = TypeVar("T")
 
 class MicrovisorError(Exception):
     """A request that makes no sense in the current state; nothing was changed."""
+
+
+class Busy(MicrovisorError):
+    """Another mutating operation is running; this one was refused, nothing changed."""
+
+
+class RequestFailed(MicrovisorError):
+    """The request was tried and did not complete (e.g. the vCPU thread did not take it
+    in time: then it was cancelled and nothing was changed)."""
+
+
+class OperationGate:
+    """One mutating operation at a time (start, stop, move, virtualize, devirtualize,
+    pause, resume, upgrade). A second one, from another thread, is refused at once
+    with ``Busy``; the thread holding the gate may enter it again (an upgrade starts
+    and stops instances itself)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+        self.holder: str | None = None  # the operation running, for the Busy message
+
+    @contextmanager
+    def hold(self, operation: str) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._owner != me:
+            if not self._lock.acquire(blocking=False):
+                raise Busy(
+                    f"busy: {self.holder or 'another operation'!s} is already running; "
+                    f"{operation} was refused, nothing was changed"
+                )
+            self._owner, self.holder = me, operation
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = self.holder = None
+                self._lock.release()
 
 
 class Microvisor:
@@ -71,6 +113,8 @@ class Microvisor:
         self.last_upgrade: dict[str, object] | None = None
         # Guest RAM the running instance can reach: its own partition (isolation.py).
         self.slots = PartitionSlots(machine.vm, machine.memory, isolation)
+        self.gate = OperationGate()
+        self.request_timeout_s = REQUEST_TIMEOUT_S
 
     # --- instances ---------------------------------------------------------------
 
@@ -106,33 +150,47 @@ class Microvisor:
     # --- requests (any thread) -----------------------------------------------------
 
     def virtualize(self) -> None:
-        self._on_vcpu(self._virtualize)
+        with self.gate.hold("virtualize"):
+            self._on_vcpu(self._virtualize)
 
     def devirtualize(self) -> None:
-        self._on_vcpu(self._devirtualize)
+        with self.gate.hold("devirtualize"):
+            self._on_vcpu(self._devirtualize)
 
     def stop(self, name: str) -> None:
-        self._on_vcpu(lambda: self._stop(name))
+        with self.gate.hold("stop"):
+            self._on_vcpu(lambda: self._stop(name))
 
     def move(self, device: str, to: str) -> None:
-        self._on_vcpu(lambda: self._move(device, to))
+        with self.gate.hold("move"):
+            self._on_vcpu(lambda: self._move(device, to))
 
     def pause(self, name: str) -> None:
         """Stop scheduling an instance (e.g. one that released its service, kept only
         for a rollback), so it takes no vCPU time from the others."""
-        self._on_vcpu(lambda: self._set_paused(name, True))
+        with self.gate.hold("pause"):
+            self._on_vcpu(lambda: self._set_paused(name, True))
 
     def resume(self, name: str) -> None:
-        self._on_vcpu(lambda: self._set_paused(name, False))
+        with self.gate.hold("resume"):
+            self._on_vcpu(lambda: self._set_paused(name, False))
 
     def start(
         self,
         kernel: str,
-        cmdline: str = "console=ttyS1",
+        cmdline: str = "",
         name: str | None = None,
         devices: tuple[str, ...] = (),
     ) -> OsInstance:
-        """Boot another instance into the spare partition (virtualized mode only)."""
+        """Boot another instance into the spare partition (virtualized mode only). Its
+        console is the partition's (``console=ttyS<partition>`` is added unless the
+        command line names a console)."""
+        with self.gate.hold("start"):
+            return self._start(kernel, cmdline, name, devices)
+
+    def _start(
+        self, kernel: str, cmdline: str, name: str | None, devices: tuple[str, ...]
+    ) -> OsInstance:
         if self.mode != VIRTUALIZED:
             raise MicrovisorError("virtualize first: a second instance needs virtualized mode")
         name = name or f"i{len(self.instances)}"
@@ -142,6 +200,7 @@ class Microvisor:
         if unknown:
             raise MicrovisorError(f"no such device: {', '.join(unknown)}")
         partition = self._spare_partition()
+        cmdline = with_console(cmdline, partition.index)
         self.machine.memory.discard(partition.base, partition.size)  # no leftovers
         booted = self.machine.load(kernel, cmdline, partition.index)
         cpu = copy_state(self.machine.pristine)
@@ -197,8 +256,14 @@ class Microvisor:
             return operation()
         done = threading.Event()
         outcome: list = []
+        state = ["queued"]  # → "running" on the vCPU thread, or "cancelled" here
+        lock = threading.Lock()
 
         def wrapped() -> None:
+            with lock:
+                if state[0] == "cancelled":
+                    return  # its requester gave up: it must not happen after all
+                state[0] = "running"
             try:
                 outcome.append((True, operation()))
             except BaseException as exc:  # handed back to the requesting thread
@@ -206,8 +271,17 @@ class Microvisor:
             done.set()
 
         self.machine.call_on_vcpu(wrapped)
-        if not done.wait(REQUEST_TIMEOUT_S):
-            raise MicrovisorError("the vCPU thread did not take the request in time")
+        if not done.wait(self.request_timeout_s):
+            with lock:
+                if state[0] == "queued":
+                    state[0] = "cancelled"
+                    raise RequestFailed(
+                        "the vCPU thread did not take the request in time; "
+                        "it was cancelled, nothing was changed"
+                    )
+            # Taken meanwhile: it runs now, its outcome is coming.
+            if not done.wait(self.request_timeout_s):
+                raise RequestFailed("the request is still running on the vCPU thread")
         ok, value = outcome[0]
         if not ok:
             raise value
@@ -263,6 +337,14 @@ class Microvisor:
         self.machine.hand_over()
 
     def _add(self, instance: OsInstance, devices: set[str]) -> OsInstance:
+        # The commit: re-checked here, on the vCPU thread, where instances change.
+        index = instance.partition.index
+        if any(i.partition.index == index for i in self.live()):
+            raise MicrovisorError(f"partition {index} was taken meanwhile; nothing was started")
+        if instance.name in self.instances and self.instances[instance.name].live:
+            raise MicrovisorError(f"an instance named {instance.name!r} is already running")
+        if self.mode != VIRTUALIZED:
+            raise MicrovisorError("the node was devirtualized meanwhile; nothing was started")
         for device in devices:
             self._give(device, instance)
         self.instances[instance.name] = instance
@@ -462,3 +544,11 @@ class Microvisor:
         self.router.switched_in(to)
         self.switches += 1
         self.switch_latency.append(time.perf_counter() - started)
+
+
+def with_console(cmdline: str, partition: int) -> str:
+    """An instance's console is its partition's UART (ttyS0 for partition 0, ttyS1 for
+    1): added unless the command line names a console itself."""
+    if any(word.startswith("console=") for word in cmdline.split()):
+        return cmdline
+    return f"{cmdline} console=ttyS{partition}".strip()
