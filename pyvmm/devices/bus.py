@@ -15,6 +15,14 @@ class Device:
         """Accept the bytes in ``data`` written at ``offset``."""
         raise NotImplementedError
 
+    def quiesce(self, timeout: float) -> bool:
+        """The OS instance using this device is gone; its memory is about to be wiped
+        or given to another OS. Stop everything done for it: True once the device
+        writes no guest memory any more, False if work it cannot abandon was still
+        running after ``timeout`` seconds (call again to wait again). A device that
+        never writes guest memory has nothing to do."""
+        return True
+
 
 class Bus:
     """Dispatch by address. Windows are registered at ``1 << granule_shift`` granularity,

@@ -15,10 +15,11 @@ scheduled at all (its interrupts wait) until it is resumed.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -38,8 +39,12 @@ VIRTUALIZED = "virtualized"
 DEFAULT_SLICE_S = 0.010
 MIN_SLICE_S = 0.001  # an instance keeps the vCPU at least this long before preemption
 REQUEST_TIMEOUT_S = 10.0
+# How long retiring an instance waits for its devices' work already submitted (a
+# block request moving data into its partition); see _quiesce.
+QUIESCE_TIMEOUT_S = 2.0
 
 T = TypeVar("T")
+log = logging.getLogger("pyvmm.microvisor")
 
 
 class MicrovisorError(Exception):
@@ -115,6 +120,8 @@ class Microvisor:
         self.slots = PartitionSlots(machine.vm, machine.memory, isolation)
         self.gate = OperationGate()
         self.request_timeout_s = REQUEST_TIMEOUT_S
+        # Partition → devices of its retired instance still writing into it.
+        self._unquiesced: dict[int, set[str]] = {}
 
     # --- instances ---------------------------------------------------------------
 
@@ -144,6 +151,12 @@ class Microvisor:
         used = {i.partition.index for i in self.live()}
         for partition in self.machine.memory.partitions:
             if partition.index not in used:
+                busy = self._quiesce(partition.index, (), QUIESCE_TIMEOUT_S)
+                if busy:
+                    raise MicrovisorError(
+                        f"partition {partition.index} cannot be reused yet: "
+                        f"{', '.join(busy)} still writing into it; try again"
+                    )
                 return partition
         raise MicrovisorError("no spare partition: stop an instance first")
 
@@ -423,9 +436,26 @@ class Microvisor:
         instance.result = result
         instance.held.clear()
         released = instance.devices
-        instance.devices = set()
+        instance.devices = set()  # unowned until moved: they serve nobody now
         self._assign_lines()
-        del released  # unowned until moved: a retired OS's devices serve nobody
+        self._quiesce(instance.partition.index, released, QUIESCE_TIMEOUT_S)
+
+    def _quiesce(self, partition: int, devices: Iterable[str], timeout: float) -> list[str]:
+        """Stop the devices of a gone instance before its partition is wiped or
+        reused: queues stopped, block I/O already submitted finished, vsock streams
+        back to their listeners; afterwards they write nothing into guest RAM. I/O
+        that outlives ``timeout`` cannot be abandoned, so the partition stays out of
+        use until it ends (checked again here). Returns the devices still busy."""
+        deadline = time.monotonic() + timeout
+        busy = []
+        for name in sorted({*devices, *self._unquiesced.pop(partition, ())}):
+            device = self.machine.devices[name].device
+            if not device.quiesce(max(0.0, deadline - time.monotonic())):
+                busy.append(name)
+        if busy:
+            self._unquiesced[partition] = set(busy)
+            log.warning("partition %d: %s still writing into it", partition, ", ".join(busy))
+        return busy
 
     # --- the vCPU loop -----------------------------------------------------------------
 

@@ -10,7 +10,21 @@ owns its worker thread and the device-specific work. The calls:
 - ``reset()``: the driver wrote 0 to Status, or the device is being given to another
   instance. Synchronous: when it returns, in-flight work for this device has been
   dropped and the backend no longer touches guest memory or the queues.
+- ``stop_queue(queue, timeout)``: the driver wrote QueueReady=0 (the queue is already
+  disabled, nothing new is taken from it). Returns once no chain taken from that
+  queue is still in use, so the driver may reuse its buffers (virtio 1.x §4.2.3.2:
+  it reads QueueReady back for exactly this); False if that took over ``timeout``.
+- ``quiesce(timeout)``: the device is taken from its instance (stopped, crashed,
+  rolled back) before its partition is wiped or reused. Like ``reset``, but work the
+  guest already submitted is finished rather than dropped where it must be (I/O
+  into guest RAM cannot be abandoned half-way), host resources are handed on
+  (vsock streams go back to their listeners), and the wait is bounded: False means
+  work was still running after ``timeout``; it takes nothing new, and a second call
+  waits again.
 - ``close()``: the node is shutting down; stop the worker thread.
+
+Every backend does its queue work under ``self._lock`` (one chain at a time or one
+pass of a loop), which is what ``stop_queue`` and ``quiesce`` wait for.
 
 A backend reports back only through ``transport.used(queue)``,
 ``transport.config_changed()`` and ``transport.device_error(msg)``; those take only a
@@ -18,6 +32,8 @@ leaf lock, so a backend may call them while holding its own lock.
 """
 
 from __future__ import annotations
+
+import threading
 
 from .queue import ChainError, RingError
 
@@ -37,6 +53,7 @@ class VirtioBackend:
 
     def __init__(self) -> None:
         self.transport: VirtioMmioTransport | None = None
+        self._lock = threading.Lock()  # held while chains are taken and used
 
     def config(self) -> bytes:
         """The device-specific configuration space, read from offset 0x100."""
@@ -53,6 +70,16 @@ class VirtioBackend:
 
     def reset(self) -> None:
         self.transport = None
+
+    def stop_queue(self, queue: int, timeout: float) -> bool:
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()  # the chain in use, if any, is finished
+        return True
+
+    def quiesce(self, timeout: float) -> bool:
+        self.reset()
+        return True
 
     def close(self) -> None:
         self.reset()

@@ -2,9 +2,12 @@
 
 Threading: one worker thread per device, started on the first DRIVER_OK. A kick
 (``notify``) only sets an Event; the worker pops and serves requests one at a time,
-each under the device lock, so ``reset`` waits for at most the request in progress
-and afterwards nothing touches guest memory. Data moves between the file and guest
-RAM with preadv/pwritev straight into the descriptor windows (no copies).
+each under the device lock, so ``reset``, ``quiesce`` and QueueReady=0 wait for at
+most the request in progress and afterwards nothing touches guest memory. Data moves
+between the file and guest RAM with preadv/pwritev straight into the descriptor
+windows (no copies), so a request in progress cannot be abandoned: the wait for it
+is bounded (``quiesce`` says whether it ended), and a request that outlives it takes
+no other after it and is not completed into rings set up since (queue generation).
 
 Every request either completes with a status byte (OK, IOERR for I/O errors and
 requests outside the disk, UNSUPP for unknown types) or, when it has nowhere to put a
@@ -23,7 +26,7 @@ import os
 import struct
 import threading
 
-from ._log import ERROR, log
+from ._log import ERROR, WARNING, log
 from .backend import VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioBackend
 from .queue import Chain, gather, scatter, slice_views
 
@@ -49,6 +52,7 @@ ID_BYTES = 20
 QUEUE_SIZE = 256
 _HEADER = struct.Struct("<IIQ")
 _IOV_MAX = 1024
+RESET_TIMEOUT_S = 5.0  # how long a driver's reset waits for the request in progress
 
 
 class WriteLease:
@@ -90,7 +94,6 @@ class VirtioBlk(VirtioBackend):
             | VIRTIO_BLK_F_SEG_MAX
             | (VIRTIO_BLK_F_RO if read_only else 0)
         )
-        self._lock = threading.Lock()
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -106,6 +109,7 @@ class VirtioBlk(VirtioBackend):
     def activate(self, transport: VirtioMmioTransport) -> None:
         with self._lock:
             self.transport = transport
+            self._resetting = False  # a quiesce that timed out is over
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="virtio-blk", daemon=True)
             self._thread.start()
@@ -115,12 +119,27 @@ class VirtioBlk(VirtioBackend):
         self._kick.set()
 
     def reset(self) -> None:
+        if not self.quiesce(RESET_TIMEOUT_S):
+            log(
+                WARNING,
+                "virtio-blk %s: a request outlived a reset by %.0f s",
+                self.path,
+                RESET_TIMEOUT_S,
+            )
+
+    def quiesce(self, timeout: float) -> bool:
         # Locks are not fair: without the flag a busy worker could retake the lock
-        # for request after request while the vCPU waits to reset.
+        # for request after request while we wait. It stays set if the wait times
+        # out, so the worker takes nothing after the request in progress.
         self._resetting = True
-        with self._lock:
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        try:
             self.transport = None
             self._resetting = False
+        finally:
+            self._lock.release()
+        return True
 
     def close(self) -> None:
         self.reset()
@@ -159,7 +178,7 @@ class VirtioBlk(VirtioBackend):
                     if served % 16:
                         transport.used(0)
                     return
-                queue.push(chain.head, self._handle(chain))
+                queue.push(chain.head, self._handle(chain), chain.generation)
                 served += 1
                 if served % 16 == 0:
                     transport.used(0)  # let the driver start on completions early

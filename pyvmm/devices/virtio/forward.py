@@ -19,6 +19,10 @@ take the connection replays them first. So a keep-alive client moves from one
 instance to the next without seeing its connection closed, and a request that
 arrived during the hand-off is served by the new instance.
 
+A device taken from a guest that stopped (``VirtioVsock.quiesce``) detaches its
+listeners and parks its streams here the same way, re-driving the request the guest
+had taken but not answered; streams that cannot go on are closed.
+
 A refusal (RST to our REQUEST) closes the client's connection, unless
 ``retry_refused`` seconds are given: then the request is repeated with back-off for
 that long, which covers a new instance whose service is not listening yet.
@@ -27,6 +31,7 @@ that long, which covers a new instance whose service is not listening yet.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from collections import deque
 
@@ -35,6 +40,7 @@ if TYPE_CHECKING:
     from .vsock import VirtioVsock
 
 DEFAULT_BACKLOG = 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends RST
 
 _count_lock = threading.Lock()
 _open = 0
@@ -59,7 +65,20 @@ class Parked:
         self.eof = eof  # the client has shut down its sending side
 
     def close(self) -> None:
-        self.sock.close()
+        """Close the client's connection: a reset if it carries bytes in either
+        direction (it was cut short mid-exchange), else an orderly close."""
+        close_socket(self.sock, abortive=bool(self.replay or self.reply))
+
+
+def close_socket(sock: socket.socket, abortive: bool = False) -> None:
+    """Close a client's connection; ``abortive`` resets it (TCP RST), so a client never
+    takes a stream that was cut short for a complete one."""
+    try:
+        if abortive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.close()
+    except OSError:
+        pass
 
 
 class HostListener:
@@ -107,10 +126,11 @@ class HostListener:
             device.add_listener(self)
             self.device = device
 
-    def detach(self) -> None:
-        """Stop forwarding; connections that arrive from now on wait."""
+    def detach(self, device: VirtioVsock | None = None) -> None:
+        """Stop forwarding (only from ``device``, if given); connections that arrive
+        from now on wait."""
         with self._lock:
-            if self.device is not None:
+            if self.device is not None and device in (None, self.device):
                 self.device.remove_listener(self)
                 self.device = None
 
@@ -137,12 +157,16 @@ class HostListener:
             return None  # e.g. ECONNABORTED: the client gave up while queued
         return Parked(sock)
 
-    def park(self, parked: Parked) -> None:
-        """Hold a connection a device gave back, to be offered to the next one."""
+    def park(self, parked: Parked, first: bool = False) -> None:
+        """Hold a connection a device gave back, to be offered to the next one
+        (``first``: before all others, for one that was never answered)."""
         if self.sock.fileno() < 0:
             parked.close()  # the listener is closed: nobody will take it
         else:
-            self.pending.append(parked)
+            if first:
+                self.pending.appendleft(parked)
+            else:
+                self.pending.append(parked)
             device = self.device
             if device is not None:
                 device.notify(0)  # wake its loop to offer the connection

@@ -76,6 +76,8 @@ STATUS_FAILED = 0x80
 INT_USED_BUFFER = 0x1
 INT_CONFIG_CHANGE = 0x2
 
+QUEUE_STOP_TIMEOUT_S = 5.0  # how long QueueReady=0 waits for a chain in use
+
 _U32 = struct.Struct("<I")
 # QueueDesc/Driver/Device Low/High: (attribute, shift)
 _ADDRESS_REGS = {
@@ -172,6 +174,20 @@ class VirtioMmioTransport(Device):
         """Device reset, as if the driver wrote 0 to Status (also used on hand-off)."""
         with self._lock:
             self._reset()
+
+    def quiesce(self, timeout: float) -> bool:
+        """The device's instance is gone (stopped, crashed, rolled back): stop its
+        queues and its back-end before its partition is wiped or reused. True when
+        nothing of the old driver's session touches guest memory any more; False if
+        work already submitted was still running after ``timeout`` (see
+        ``VirtioBackend.quiesce``). Afterwards the device is as after a reset."""
+        with self._lock:
+            self._active = False
+            idle = self.backend.quiesce(timeout)
+            for queue in self.queues:
+                queue.reset()
+            self._reset_registers()
+        return idle
 
     def set_dma_window(self, base: int, size: int) -> None:
         """Confine the device to guest-physical [base, base + size), e.g. its owner's
@@ -298,6 +314,10 @@ class VirtioMmioTransport(Device):
             return
         if not value:
             queue.disable()
+            # The driver will reuse the buffers once it reads QueueReady back as 0, so
+            # a chain the back-end already took must be finished first.
+            if not self.backend.stop_queue(queue.index, QUEUE_STOP_TIMEOUT_S):
+                log(WARNING, "%s: queue %d still in use after QueueReady=0", self.name, queue.index)
             return
         if queue.ready:
             return

@@ -65,10 +65,11 @@ class Chain:
     """A descriptor chain as windows onto guest RAM (no copies): the device reads
     ``readable`` and writes ``writable``, both in chain order."""
 
-    __slots__ = ("head", "readable", "readable_len", "writable", "writable_len")
+    __slots__ = ("generation", "head", "readable", "readable_len", "writable", "writable_len")
 
-    def __init__(self, head: int) -> None:
+    def __init__(self, head: int, generation: int = 0) -> None:
         self.head = head
+        self.generation = generation  # the queue's generation when it was taken
         self.readable: list[memoryview] = []
         self.writable: list[memoryview] = []
         self.readable_len = 0
@@ -94,11 +95,15 @@ class Virtqueue:
         self.dma_base = 0
         self.dma_end = memory.size
         self.errors = 0
+        # Bumped whenever the rings go away (reset, QueueReady=0) or are set up anew,
+        # so a chain taken before cannot be completed into the next driver's ring.
+        self.generation = 0
         self._lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
         with self._lock:
+            self.generation += 1
             self.size = self.max_size
             self.desc_addr = 0
             self.driver_addr = 0
@@ -148,11 +153,13 @@ class Virtqueue:
             self._used_idx_word = self._used[:4].cast("H")
             self._last_avail = 0
             self._used_idx = 0
+            self.generation += 1
             self.ready = True
         return None
 
     def disable(self) -> None:
         with self._lock:
+            self.generation += 1
             self.ready = False
             self._desc = self._avail = self._used = self._used_idx_word = None
 
@@ -178,13 +185,14 @@ class Virtqueue:
             self._last_avail = (self._last_avail + 1) & 0xFFFF
             if head >= self.size:
                 raise RingError(f"queue {self.index}: head index {head} >= size {self.size}")
-            return self._walk(head)
+            return self._walk(head, self.generation)
 
-    def push(self, head: int, length: int) -> None:
-        """Return a chain to the driver; ``length`` is the number of bytes written."""
+    def push(self, head: int, length: int, generation: int | None = None) -> None:
+        """Return a chain to the driver; ``length`` is the number of bytes written.
+        With the chain's ``generation``, a chain from rings since torn down is dropped."""
         with self._lock:
             used = self._used
-            if used is None:
+            if used is None or generation not in (None, self.generation):
                 return  # queue disabled or reset meanwhile: the driver no longer wants it
             slot = self._used_idx % self.size
             _USED_ELEM.pack_into(used, 4 + 8 * slot, head, length)
@@ -206,8 +214,8 @@ class Virtqueue:
 
     # --- chain walking ---------------------------------------------------------------
 
-    def _walk(self, head: int) -> Chain:
-        chain = Chain(head)
+    def _walk(self, head: int, generation: int) -> Chain:
+        chain = Chain(head, generation)
         table = self._desc
         assert table is not None
         table_len = self.size

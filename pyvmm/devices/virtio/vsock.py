@@ -16,7 +16,9 @@ round-robin), then the epoll interest sets are brought up to date.
 
 Only host-initiated streams exist (from ``HostListener``s); a guest's REQUEST to the
 host is refused with RST. A guest's SHUTDOWN of only its receive side hands the
-client's connection back to its listener (see ``forward``). Packets from a wrong
+client's connection back to its listener (see ``forward``). A guest that stops
+without doing so has its streams handed back for it by ``quiesce`` (re-driving the
+request it had not answered), or closed where they cannot go on. Packets from a wrong
 CID or with a bad length are dropped; protocol violations (RW before RESPONSE,
 sending beyond the credit we gave) reset that stream.
 """
@@ -90,7 +92,6 @@ class VirtioVsock(VirtioBackend):
         self.features = VIRTIO_F_VERSION_1
         self.refused = 0  # guest connection requests refused
         self.dropped = 0  # malformed packets from the guest
-        self._lock = threading.Lock()
         self._conns: dict[tuple[int, int], Conn] = {}
         self._by_fd: dict[int, Conn | HostListener] = {}
         self._listeners: dict[HostListener, int] = {}  # → current epoll mask
@@ -135,6 +136,27 @@ class VirtioVsock(VirtioBackend):
             self._drop_all()
             self._resetting = False
         self.notify(RX)
+
+    def quiesce(self, timeout: float) -> bool:
+        """The guest is gone (stopped, crashed, rolled back): its listeners and streams
+        go back to the host, where the service may go on in another instance. Nothing
+        is sent to the guest any more; what it already sent was acted on."""
+        for listener in list(self._listeners):
+            listener.detach(self)  # from now on new connections wait in the listener
+        self._resetting = True
+        with self._lock:
+            self.transport = None
+            conns = list(self._conns.values())
+            for conn in conns:  # in order: each is parked behind the one before
+                if conn.state != CONNECTING:
+                    self._surrender(conn)
+            for conn in reversed(conns):  # in front of everything, in order
+                if conn.state == CONNECTING:
+                    self._surrender(conn)
+            self._control.clear()
+            self._scheduled.clear()
+            self._resetting = False
+        return True
 
     def close(self) -> None:
         for listener in list(self._listeners):
@@ -318,7 +340,19 @@ class VirtioVsock(VirtioBackend):
         """Return a connection the guest never accepted to its listener, to wait."""
         self._forget(conn)
         assert conn.listener is not None
-        conn.listener.pending.appendleft(conn.park())
+        conn.listener.park(conn.park(), first=True)
+
+    def _surrender(self, conn: Conn) -> None:
+        """Take a stream from a guest that stopped: to its listener if another guest
+        can go on with it, else closed (orderly only if it was complete)."""
+        if conn.state == CONNECTING:
+            self._give_back(conn)
+        elif conn.listener is not None and conn.can_redrive():
+            self._forget(conn)
+            conn.listener.park(conn.park(redrive=True))
+        else:
+            conn.flush_tcp()
+            self._remove(conn, abortive=bool(conn.to_tcp) or not conn.guest_shut_send)
 
     def _hand_back(self, conn: Conn) -> None:
         """The guest will read no more from this client: the next guest takes it."""
@@ -432,6 +466,8 @@ class VirtioVsock(VirtioBackend):
                 return
             conn.to_tcp += gather(chain.readable, length, HDR.size)
             conn.rx_cnt = (conn.rx_cnt + length) & _MASK32
+            if length:
+                conn.guest_sent()
             if not conn.flush_tcp():
                 self._abort(conn)
                 return

@@ -14,15 +14,21 @@ slow guest leaves data in the kernel's TCP buffers and the client blocks. A copy
 what is in flight (``unacked``) is kept until the guest's ``fwd_cnt`` says it was
 consumed, so the stream can be handed to another guest (``park``) without losing a
 byte; the cap bounds that copy whatever the guest advertises.
+
+Consumed bytes are kept a little longer, in ``unanswered``: those the guest took
+since it last sent anything on the stream. When a guest is stopped without handing
+its streams back (a crash, a rollback), they are the request it was working on, and
+the next guest is given them again (``park(redrive=True)``) so the client still gets
+its one reply. A reply ends that span; past ``MAX_WINDOW`` unanswered bytes (a long
+upload) the stream cannot be re-driven and is reset instead.
 """
 
 from __future__ import annotations
 
 import select
 import socket
-import struct
 
-from .forward import Parked
+from .forward import Parked, close_socket
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -34,7 +40,6 @@ ESTABLISHED = "established"
 READ_CHUNK = 64 << 10
 MAX_WINDOW = 1 << 20  # the most host → guest bytes in flight per stream
 _MASK32 = 0xFFFF_FFFF
-_LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends RST
 
 
 class Conn:
@@ -60,6 +65,8 @@ class Conn:
         # host → guest
         self.to_guest = bytearray(parked.replay)
         self.unacked = bytearray()  # sent to the guest, not yet consumed by it
+        self.unanswered = bytearray()  # consumed by the guest since it last sent
+        self.redrivable = True  # unanswered holds all of it (see above)
         self.tx_cnt = 0
         self.peer_buf_alloc = 0
         self.peer_fwd_cnt = 0
@@ -100,12 +107,32 @@ class Conn:
         self.peer_fwd_cnt = fwd_cnt
         consumed = len(self.unacked) - ((self.tx_cnt - fwd_cnt) & _MASK32)
         if consumed > 0:
+            if self.redrivable:
+                self.unanswered += self.unacked[:consumed]
+                if len(self.unanswered) > MAX_WINDOW:
+                    self.redrivable = False
+                    self.unanswered.clear()
             del self.unacked[:consumed]
 
-    def park(self) -> Parked:
-        """This client connection as the next guest should take it over."""
-        replay = bytes(self.unacked + self.to_guest)
+    def guest_sent(self) -> None:
+        """The guest sent data on the stream: what it consumed before is answered."""
+        self.unanswered.clear()
+        self.redrivable = True
+
+    def park(self, redrive: bool = False) -> Parked:
+        """This client connection as the next guest should take it over: from the
+        first byte this guest did not consume (it handed the stream back at a request
+        boundary), or with ``redrive`` from the first byte it did not answer."""
+        replay = bytes((self.unanswered if redrive else b"") + self.unacked + self.to_guest)
         return Parked(self.sock, replay, bytes(self.to_tcp), self.tcp_eof)
+
+    def can_redrive(self) -> bool:
+        """Whether another guest can take the stream over from a guest that stopped."""
+        return (
+            self.state == ESTABLISHED
+            and self.redrivable
+            and not (self.guest_shut_send or self.guest_shut_rcv or self.guest_gone)
+        )
 
     def guest_room(self) -> int:
         """Bytes the guest may still send before exceeding our advertised buffer."""
@@ -176,11 +203,4 @@ class Conn:
         return self.guest_shut_send and not self.to_tcp and self.tcp_shut_wr
 
     def close(self, abortive: bool = False) -> None:
-        """Close the client's connection. ``abortive`` resets it (TCP RST), so a client
-        never takes a stream that was cut short for a complete one."""
-        try:
-            if abortive:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            self.sock.close()
-        except OSError:
-            pass
+        close_socket(self.sock, abortive)
