@@ -865,3 +865,75 @@ def test_reply_flood_without_rx_buffers_is_bounded(nodes):
     time.sleep(0.1)
     assert len(node.device._control) == v.MAX_PENDING_REPLIES
     assert not node.drv.needs_reset()
+
+
+# --- quiescing: the guest is gone (stopped, crashed, rolled back) ------------------------
+
+
+def host_conns(device: v.VirtioVsock) -> list:
+    with device._lock:
+        return list(device._conns.values())
+
+
+def test_quiesce_hands_every_stream_back_and_redrives_the_unanswered_request(nodes):
+    a, ga, b, gb, listener = two_services(nodes)
+    answered, working, unread = client(listener), client(listener), client(listener)
+    for sock in (answered, working, unread):
+        sock.sendall(b"ping")
+        assert recv_exactly(sock, 4) == b"ping"
+    # "working": A consumes a request and says so (its fwd_cnt), but never answers it.
+    ga.wait(lambda: len(ga.conns) == 3)
+    with ga.lock:  # host ports are given out in accept order, the order of the clients
+        _, working_guest, unread_guest = sorted(ga.conns.values(), key=lambda c: c.host_port)
+    with ga.lock:
+        working_guest.mode = "sink"
+    working.sendall(b"GET /two")
+    ga.wait(lambda: working_guest.received_len == 8)
+    with ga.lock:
+        ga.send(working_guest, v.OP_CREDIT_UPDATE)  # fwd_cnt now covers "GET /two"
+    until(lambda: any(bytes(c.unanswered) == b"GET /two" for c in host_conns(a.device)))
+    # "unread": A stops reading; the request stays unconsumed in its buffer.
+    with ga.lock:
+        ga.consume_per_tick = 0
+    unread.sendall(b"three")
+    ga.wait(lambda: unread_guest.rx == b"three")
+    # "waiting": accepted by the device, never answered (A has stopped); its request is
+    # still in the client's socket.
+    ga.stop()
+    waiting = client(listener)
+    waiting.sendall(b"four")
+    until(lambda: len(host_conns(a.device)) == 4)
+
+    assert a.drv.transport.quiesce(1.0)
+    assert listener.device is None and a.device.connections == 0
+    replays = sorted(p.replay for p in listener.pending)
+    assert replays == [b"", b"", b"GET /two", b"three"]
+    snapshot = a.drv.mem.read(0, a.drv.mem.size)
+    answered.sendall(b"late")  # nothing reaches A's memory any more
+    time.sleep(0.2)
+    assert a.drv.mem.read(0, a.drv.mem.size) == snapshot
+
+    listener.attach(b.device)  # the service goes on in B: every client is served once
+    assert recv_exactly(working, 8) == b"GET /two"
+    assert recv_exactly(unread, 5) == b"three"
+    assert recv_exactly(waiting, 4) == b"four"
+    assert recv_exactly(answered, 4) == b"late"
+    gb.wait(lambda: len(gb.conns) == 4)
+
+
+def test_quiesce_with_the_listener_closed_closes_the_streams(nodes):
+    a, ga, _, _, listener = two_services(nodes)
+    idle, busy = client(listener), client(listener)
+    for sock in (idle, busy):
+        sock.sendall(b"hi")
+        assert recv_exactly(sock, 2) == b"hi"
+    with ga.lock:
+        ga.consume_per_tick = 0
+    busy.sendall(b"unread")
+    ga.wait(lambda: any(c.rx == b"unread" for c in ga.conns.values()))
+    ga.stop()
+    assert a.drv.transport.quiesce(1.0)
+    listener.close()  # the service does not go on anywhere
+    assert idle.recv(10) == b""  # an idle connection ends in order
+    with pytest.raises(ConnectionResetError):  # one cut short mid-exchange is reset
+        busy.recv(10)

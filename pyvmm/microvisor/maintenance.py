@@ -78,7 +78,8 @@ class Upgrade:
         self.cmdline = cmdline
         self.timeouts = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
         if inject == "phase-timeout":
-            self.timeouts["acquire"] = 0.001
+            # Zero: even an answer within the socket's 1 ms granularity comes too late.
+            self.timeouts["acquire"] = 0.0
         self.inject = inject
         self.progress = progress or (lambda phase, state, seconds: None)
         self.phases: list[dict[str, object]] = []
@@ -253,10 +254,14 @@ class Upgrade:
             listener.attach(vsock)
 
     def _acquire(self) -> None:
+        timeout = self.timeouts["acquire"]
+        started = time.monotonic()
         try:
-            reply = self.agents["b"].ask("acquire", self.timeouts["acquire"])
+            reply = self.agents["b"].ask("acquire", max(timeout, 0.001))
         except TimeoutError:
             raise UpgradeFailed("acquire", "the new instance never reported serving") from None
+        if time.monotonic() - started > timeout:  # an answer after the deadline is none
+            raise UpgradeFailed("acquire", "the new instance never reported serving in time")
         if not reply.startswith("serving"):
             raise UpgradeFailed("acquire", f"the new instance answered {reply!r}")
         self.b.slice_s = None
