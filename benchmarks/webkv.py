@@ -1,8 +1,13 @@
-"""webkv throughput and latency with wrk through `pyvmm boot --forward`, for GET and
-PUT, with the disk on tmpfs and on the real disk, alternated in rounds by the
-harness (benchmarks/harness.py); ratios are to tmpfs.
+"""webkv throughput and latency under pyvmm (`pyvmm boot --forward`) side by side
+with webkv-native (the same webkv sources as a host process, guest_kernels/README.md),
+with the same clients on the same disk: wrk (GET and PUT) and examples/kvload.py
+(8 keep-alive clients writing and reading back: p50, p99, max, and the longest
+request in windows the length of an upgrade, ``--window-ms``). Every configuration
+(server x disk place: tmpfs, the real disk) runs once per round, alternated by the
+harness (benchmarks/harness.py); ``pyvmm_over_native`` gives the paired ratios.
 
-    python benchmarks/webkv.py [--seconds 3] [--connections 16] [--rounds 10] [--pin]
+    python benchmarks/webkv.py [--seconds 3] [--kvload-seconds 4] [--connections 16]
+        [--servers pyvmm,native] [--places tmpfs,disk] [--rounds 10] [--pin]
 """
 
 from __future__ import annotations
@@ -16,10 +21,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import harness
-from common import KERNELS, pyvmm_command, report
+from common import KERNELS, ROOT, pyvmm_command, report
+
+sys.path.insert(0, str(ROOT / "examples"))
+from kvload import KvLoad, summarize, window_stalls
 
 PUT_SCRIPT = """
 counter = 0
@@ -94,79 +104,155 @@ def wrk(
     }
 
 
+def server_command(server: str, disk: Path, port: int, timeout_s: float) -> list[str]:
+    """webkv-v1 under pyvmm, or webkv-native: same sources, disk and port mapping."""
+    if server == "native":
+        return [str(KERNELS / "webkv-native"), f"disk={disk}", f"forward=127.0.0.1:{port}=80"]
+    return [
+        *pyvmm_command(),
+        "boot",
+        str(KERNELS / "webkv-v1.elf"),
+        "--disk",
+        str(disk),
+        "--forward",
+        f"127.0.0.1:{port}=80",
+        "--timeout",
+        str(timeout_s),
+    ]
+
+
+def kvload(
+    port: int, seconds: float, window_s: float, pinning: harness.Pinning | None = None
+) -> dict:
+    """examples/kvload.py's 8 clients for ``seconds``: latency and windowed stalls."""
+    if pinning:
+        pinning.apply_load()  # the client processes inherit this
+    load = KvLoad(port, 8).start()
+    if pinning:
+        pinning.apply_measured()
+    load.wait_started()
+    time.sleep(seconds)
+    load.stop()
+    windows = window_stalls(load.samples, window_s)
+    return {
+        **summarize(load.samples),
+        "window_stall_median_ms": round(harness.quantile(windows, 0.5), 3) if windows else 0.0,
+        "window_stall_max_ms": round(max(windows, default=0.0), 3),
+        "failures": len(load.failures),
+    }
+
+
+@contextmanager
+def serving(server: str, disk_dir: str, timeout_s: float = 600) -> Iterator[int]:
+    """webkv (``server``: pyvmm or native) on a fresh 64 MiB disk in ``disk_dir``,
+    up and answering; yields its port, kills it afterwards."""
+    with tempfile.TemporaryDirectory(dir=disk_dir) as tmp:
+        disk = Path(tmp) / "kv.img"
+        with open(disk, "wb") as f:
+            f.truncate(64 << 20)
+        port = free_port()
+        command = server_command(server, disk, port, timeout_s)
+        node = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for_port(port)
+            yield port
+        finally:
+            node.kill()
+            node.wait()
+
+
 def run(
     disk_dir: str,
     seconds: float,
     connections: int,
     put_script: str,
     pinning: harness.Pinning | None = None,
+    server: str = "pyvmm",
+    kvload_seconds: float = 0.0,
+    window_s: float = 0.2,
 ) -> dict:
-    with tempfile.TemporaryDirectory(dir=disk_dir) as tmp:
-        disk = Path(tmp) / "kv.img"
-        with open(disk, "wb") as f:
-            f.truncate(64 << 20)
-        port = free_port()
-        command = [
-            *pyvmm_command(),
-            "boot",
-            str(KERNELS / "webkv-v1.elf"),
-            "--disk",
-            str(disk),
-            "--forward",
-            f"127.0.0.1:{port}=80",
-            "--timeout",
-            str(seconds * 4 + 60),
-        ]
-        node = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_for_port(port)
-            put = wrk(port, "/", seconds, connections, put_script, pinning)
-            get = wrk(port, "/kv/bench1", seconds, connections, None, pinning)
-        finally:
-            node.kill()
-            node.wait()
-    return {"put": put, "get": get}
+    with serving(server, disk_dir, seconds * 4 + kvload_seconds + 60) as port:
+        put = wrk(port, "/", seconds, connections, put_script, pinning)
+        get = wrk(port, "/kv/bench1", seconds, connections, None, pinning)
+        result = {"put": put, "get": get}
+        if kvload_seconds:
+            result["kv"] = kvload(port, kvload_seconds, window_s, pinning)
+    return result
 
 
 def metrics(result: dict) -> dict[str, float]:
-    """One run's figures for the harness: throughput and latency of PUT and GET."""
-    return {
+    """One run's figures for the harness: throughput and latency of PUT and GET
+    (wrk), and of kvload's clients if they ran."""
+    out = {
         f"{op}_{key}": result[op][key]
         for op in ("put", "get")
         for key in ("requests_per_s", "p50_ms", "p99_ms")
     }
+    if "kv" in result:
+        kv = result["kv"]
+        out.update(
+            {
+                f"kv_{key}": kv[key]
+                for key in ("p50_ms", "p99_ms", "max_ms", "window_stall_median_ms")
+            }
+        )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=3)
+    parser.add_argument("--seconds", type=float, default=3, help="per wrk run")
+    parser.add_argument("--kvload-seconds", type=float, default=4, help="0: no kvload run")
+    parser.add_argument("--window-ms", type=float, default=200, help="an upgrade's length")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--servers", default="pyvmm,native")
+    parser.add_argument("--places", default="tmpfs,disk")
     parser.add_argument("--aa", default=None, help="A/A: this configuration against itself")
-    harness.add_arguments(parser, harness.Plan(min_rounds=10, max_rounds=10, time_cap_s=300))
+    harness.add_arguments(parser, harness.Plan(min_rounds=10, max_rounds=10, time_cap_s=600))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
+    if not (KERNELS / "webkv-native").exists():
+        sys.exit("build/webkv-native is missing (make -C guest_kernels)")
     pinning = harness.Pinning.split(args.pin)
     pinning.apply_measured()
     state_before = harness.machine_state()
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(PUT_SCRIPT)
         put_script = f.name
-    places = {"tmpfs": "/dev/shm", "disk": str(Path(__file__).resolve().parent)}
-    errors: dict[str, list] = {name: [] for name in places}
+    known_places = {"tmpfs": "/dev/shm", "disk": str(Path(__file__).resolve().parent)}
+    places = {name: known_places[name] for name in args.places.split(",")}
+    servers = args.servers.split(",")
+    names = [f"{server}-{place}" for place in places for server in servers]
+    errors: dict[str, list] = {name: [] for name in names}
 
-    def runner(name: str, place: str):
+    def runner(name: str, server: str, place: str):
         def once() -> dict[str, float]:
-            result = run(place, args.seconds, args.connections, put_script, pinning)
+            result = run(
+                place,
+                args.seconds,
+                args.connections,
+                put_script,
+                pinning,
+                server,
+                args.kvload_seconds,
+                args.window_ms / 1000,
+            )
             for op in ("put", "get"):
                 if result[op]["non_2xx"] or result[op]["socket_errors"]:
                     errors[name].append(result[op])
+            if result.get("kv", {}).get("failures"):
+                errors[name].append(result["kv"])
             return metrics(result)
 
         return once
 
-    configs = {name: runner(name, place) for name, place in places.items()}
-    baseline = "tmpfs"
+    configs = {
+        f"{server}-{name}": runner(f"{server}-{name}", server, place)
+        for name, place in places.items()
+        for server in servers
+    }
+    baseline = names[-1] if "native" not in servers else f"native-{next(iter(places))}"
     if args.aa:
         configs, baseline = harness.aa_configs(configs, args.aa), args.aa
     try:
@@ -176,31 +262,55 @@ def main() -> None:
     finally:
         os.unlink(put_script)
     out = rounds.to_json()
+    # pyvmm against native on the same disk, paired by round
+    versus = {}
+    for place in places:
+        mine, anchor = rounds.samples.get(f"pyvmm-{place}"), rounds.samples.get(f"native-{place}")
+        if mine and anchor:
+            versus[place] = {m: harness.paired_ratio(v, anchor[m]) for m, v in mine.items()}
     result = {
         "benchmark": "webkv",
         "seconds": args.seconds,
+        "kvload_seconds": args.kvload_seconds,
+        "window_ms": args.window_ms,
         "connections": args.connections,
         **out,
+        "pyvmm_over_native": versus,
         "errors": {name: e for name, e in errors.items() if e},
         "pinning": pinning.to_json(),
         "machine_before": state_before,
         "machine_after": harness.machine_state(),
     }
     medians = out["configs"]
+    shown = (
+        "get_requests_per_s",
+        "kv_p50_ms",
+        "kv_p99_ms",
+        "kv_max_ms",
+        "kv_window_stall_median_ms",
+    )
     report(
         result,
-        f"webkv: {out['method']['rounds']} rounds of {args.seconds:g} s; "
+        f"webkv: {out['method']['rounds']} rounds of {args.seconds:g} s wrk"
+        + (f" + {args.kvload_seconds:g} s kvload" if args.kvload_seconds else "")
+        + "; "
         + "; ".join(
             f"{name} GET {m['get_requests_per_s']['median']:.0f} req/s "
             f"p99 {m['get_p99_ms']['median']} ms, PUT {m['put_requests_per_s']['median']:.0f} "
             f"req/s p99 {m['put_p99_ms']['median']} ms"
+            + (
+                f", kvload p50 {m['kv_p50_ms']['median']} p99 {m['kv_p99_ms']['median']} "
+                f"max {m['kv_max_ms']['median']} ms"
+                if "kv_p50_ms" in m
+                else ""
+            )
             for name, m in medians.items()
         )
         + "; "
         + "; ".join(
-            f"{name}/{baseline} GET {harness.ci_text(r['get_requests_per_s'])}, "
-            f"PUT {harness.ci_text(r['put_requests_per_s'])}"
-            for name, r in out["ratios"].items()
+            f"pyvmm/native {place}: "
+            + ", ".join(f"{k} {r[k]['ratio']:.2f}" for k in shown if k in r)
+            for place, r in versus.items()
         ),
     )
 

@@ -40,10 +40,13 @@ class KvLoad:
         self.reconnects = 0
         context = multiprocessing.get_context("spawn")  # no inherited threads or locks
         self._stop = context.Event()
+        self._started = context.Semaphore(0)
         self._pipes = [context.Pipe(duplex=False) for _ in range(clients)]
         self._processes = [
             context.Process(
-                target=run_client, args=(host, port, i, self._stop, sender, rate), daemon=True
+                target=run_client,
+                args=(host, port, i, self._stop, sender, rate, self._started),
+                daemon=True,
             )
             for i, (_, sender) in enumerate(self._pipes)
         ]
@@ -52,6 +55,14 @@ class KvLoad:
         for process in self._processes:
             process.start()
         return self
+
+    def wait_started(self, timeout: float = 60) -> None:
+        """Until every client is about to send its first request (spawning Python
+        processes takes a while on a busy machine)."""
+        deadline = time.monotonic() + timeout
+        for _ in self._processes:
+            if not self._started.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise TimeoutError("kvload clients did not start in time")
 
     def stop(self) -> None:
         self._stop.set()
@@ -90,7 +101,9 @@ def _send(conn, method: str, path: str, body: bytes | None) -> tuple[int, bytes]
     return response.status, response.read()
 
 
-def run_client(host: str, port: int, index: int, stop, results, rate: float = 0.0) -> None:
+def run_client(
+    host: str, port: int, index: int, stop, results, rate: float = 0.0, started=None
+) -> None:
     """One client's loop (in its own process): PUT a unique key, GET it back; at
     ``rate`` requests per second if given (a missed slot is not made up)."""
     samples: list[tuple[str, float, float]] = []
@@ -101,6 +114,8 @@ def run_client(host: str, port: int, index: int, stop, results, rate: float = 0.
     n = 0
     interval = 2 / rate if rate > 0 else 0.0  # a PUT and a GET per round
     next_round = time.monotonic()
+    if started is not None:
+        started.release()
     while not stop.is_set():
         if interval:
             next_round = max(next_round + interval, time.monotonic() - interval)
@@ -140,6 +155,23 @@ def percentile(values: list[float], fraction: float) -> float:
 def longest_stall_ms(samples: list[Sample]) -> float:
     """The longest time any of these requests waited."""
     return max((s.ms for s in samples), default=0.0)
+
+
+def window_stalls(samples: list[Sample], window_s: float) -> list[float]:
+    """The longest request (ms) touching each window of ``window_s``, the windows
+    tiling the run: what a native server shows in spans the length of an upgrade,
+    to hold against each upgrade's longest stall."""
+    if not samples or window_s <= 0:
+        return []
+    begin = min(s.start for s in samples)
+    count = int((max(s.end for s in samples) - begin) // window_s) + 1
+    worst = [0.0] * count
+    for s in samples:
+        first = int((s.start - begin) // window_s)
+        last = min(count - 1, int((s.end - begin) // window_s))
+        for w in range(first, last + 1):
+            worst[w] = max(worst[w], s.ms)
+    return worst
 
 
 def summarize(samples: list[Sample]) -> dict[str, float]:
