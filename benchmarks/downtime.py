@@ -12,6 +12,12 @@ outside the upgrades is the baseline. ``--rate`` paces each client (requests/s;
 (the host file system's fsync latency is part of every PUT). Statistics and the
 machine's state come from benchmarks/harness.py; the median per-upgrade stall has a
 bootstrap 95% CI. ``--pin`` puts the node on one CPU and the clients on the others.
+
+The anchor (``--native``, on by default): webkv-native, the same webkv sources as a
+host process, under the same clients on the same disk place, for a run as long as
+pyvmm's, half before and half after it (ABA). Its longest request in windows the
+length of an upgrade stands against each upgrade's longest stall; ``vs_native``
+gives the ratios (native_anchor.py).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import harness
 from common import report
+from native_anchor import NativeRun, versus_native
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from kvload import KvLoad, percentile
@@ -38,6 +45,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="requests/s per client")
     parser.add_argument("--workdir", default=None, help="parent directory of the disk image")
     parser.add_argument("--pin", action="store_true", help="node and clients on separate CPUs")
+    parser.add_argument("--native", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     pinning = harness.Pinning.split(args.pin)
     state_before = harness.machine_state()
@@ -45,6 +53,9 @@ def main() -> None:
     timelines: list[list[dict]] = []
     totals: list[float] = []
     pinning.apply_measured()  # the node's processes inherit this
+    native = NativeRun(args.workdir, args.clients, args.rate, pinning) if args.native else None
+    if native:  # first half: about half of pyvmm's run (1 s + ~0.75 s per upgrade)
+        native.segment((1.0 + 0.75 * args.upgrades) / 2)
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir, Node(workdir) as node:
         pinning.apply_load()  # the client threads started next inherit this
         load = KvLoad(node.port, args.clients, rate=args.rate).start()
@@ -61,6 +72,9 @@ def main() -> None:
             time.sleep(0.5)
         load.stop()
         lost = load.lost_writes()
+    if native:  # second half: the rest of pyvmm's length
+        pyvmm_s = load.samples[-1].end - load.samples[0].start if load.samples else 0.0
+        native.segment(max(1.0, pyvmm_s - native.seconds))
 
     def overlaps(sample, timeline) -> bool:
         return sample.end >= timeline[0]["start"] and sample.start <= timeline[-1]["end"]
@@ -98,6 +112,11 @@ def main() -> None:
         "phase_ms_median": {k: round(statistics.median(v), 2) for k, v in phase_ms.items()},
         "per_upgrade_max_stall_ms": harness.median_ci(stalls, 3),
         "phase_ms": {k: harness.describe(v, 3) for k, v in phase_ms.items()},
+        **(
+            versus_native(native, stalls, during, baseline, statistics.median(totals))
+            if native
+            else {}
+        ),
         "pinning": pinning.to_json(),
         "machine_before": state_before,
         "machine_after": harness.machine_state(),
@@ -112,7 +131,8 @@ def main() -> None:
         f"{result['baseline_max_ms']:.1f} p99 {result['baseline_p99_ms']:.1f} ms; "
         f"failed {result['failed_requests']}, lost {result['lost_writes']} of "
         f"{result['acknowledged_writes']} acknowledged; upgrade median "
-        f"{result['upgrade_total_ms_median']:.0f} ms",
+        f"{result['upgrade_total_ms_median']:.0f} ms"
+        + (f"; {result['vs_native']['summary']}" if native else ""),
     )
 
 
