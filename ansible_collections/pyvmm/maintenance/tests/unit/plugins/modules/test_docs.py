@@ -1,0 +1,50 @@
+"""The modules' DOCUMENTATION, EXAMPLES and RETURN blocks parse as YAML, and the
+documented options are the argument_spec, option by option."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ansible_collections.pyvmm.maintenance.plugins.modules import node_info, online_upgrade
+
+MODULES = [online_upgrade, node_info]
+
+
+def spec_of(module) -> dict:
+    return module.ARGUMENT_SPEC
+
+
+def check_options(documented: dict, spec: dict, where: str) -> None:
+    assert set(documented) == set(spec), where
+    for name, doc in documented.items():
+        arg = spec[name]
+        assert doc["description"], f"{where}.{name}: no description"
+        assert doc["type"] == arg.get("type", "str"), f"{where}.{name}: type"
+        assert doc.get("required", False) == arg.get("required", False), f"{where}.{name}"
+        assert doc.get("default") == arg.get("default"), f"{where}.{name}: default"
+        assert doc.get("choices") == arg.get("choices"), f"{where}.{name}: choices"
+        if "options" in arg or "suboptions" in doc:
+            check_options(doc["suboptions"], arg["options"], f"{where}.{name}")
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_doc_blocks_parse_and_match_the_argument_spec(module):
+    name = module.__name__.rsplit(".", 1)[-1]
+    doc = yaml.safe_load(module.DOCUMENTATION)
+    assert doc["module"] == name
+    assert doc["short_description"] and doc["description"] and doc["author"]
+    check_options(doc["options"], spec_of(module), name)
+    examples = yaml.safe_load(module.EXAMPLES)
+    assert any(f"pyvmm.maintenance.{name}" in task for task in examples)
+    for task in examples:
+        if f"pyvmm.maintenance.{name}" in task:
+            assert set(task[f"pyvmm.maintenance.{name}"]) <= set(spec_of(module))
+    returned = yaml.safe_load(module.RETURN)
+    for key, value in returned.items():
+        assert value["description"] and value["returned"] and value["type"], key
+
+
+def test_online_upgrade_documents_check_mode_support():
+    doc = yaml.safe_load(online_upgrade.DOCUMENTATION)
+    assert doc["attributes"]["check_mode"]["support"] == "full"
