@@ -84,14 +84,12 @@ def _operations(
         ).run()
 
     def preflight(r: dict[str, Any]) -> object:
-        from .microvisor.maintenance import Upgrade
         from .microvisor.preflight import preflight
 
         cmdline = r.get("cmdline", "")
         if not isinstance(cmdline, str):
             raise RequestError("'cmdline' must be a string")
-        running = Upgrade._running.locked()
-        return preflight(mv, services, _text(r, "kernel"), cmdline, upgrade_running=running)
+        return preflight(mv, services, _text(r, "kernel"), cmdline)
 
     return {
         "upgrade": upgrade,

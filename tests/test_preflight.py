@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 
@@ -74,6 +75,29 @@ def test_preflight_refuses_a_virtualized_node(node, kernels):
     result = call(node.control, "preflight", kernel=str(kernels / "webkv-v2.elf"))
     assert not result["ready"] and "virtualized" in result["problems"][0], result
     call(node.control, "devirtualize")
+    assert call(node.control, "preflight", kernel=str(kernels / "webkv-v2.elf"))["ready"]
+
+
+def test_preflight_refuses_a_busy_node(node, kernels):
+    # An upgrade held in its acquire phase (B never answers) for 3 s.
+    upgrade = {
+        "op": "upgrade",
+        "kernel": str(kernels / "webkv-v2.elf"),
+        "inject": "never-serving",
+        "timeouts": {"acquire": 3.0},
+    }
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(node.control)
+        s.sendall(json.dumps(upgrade).encode() + b"\n")
+        with s.makefile("rb") as reader:
+            assert "progress" in json.loads(reader.readline())  # it is running now
+            result = call(node.control, "preflight", kernel=str(kernels / "webkv-v2.elf"))
+            assert not result["ready"], result
+            assert result["problems"][0] == "the node is busy: upgrade is running"
+            for line in reader:  # progress lines, then the reply
+                if "ok" in json.loads(line):
+                    break
     assert call(node.control, "preflight", kernel=str(kernels / "webkv-v2.elf"))["ready"]
 
 

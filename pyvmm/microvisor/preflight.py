@@ -74,13 +74,13 @@ def preflight(
     services: ServiceDevices | None,
     kernel: str,
     cmdline: str = "",
-    upgrade_running: bool = False,
 ) -> dict[str, object]:
     """Could an upgrade to ``kernel`` with ``cmdline`` start now, and would it change
     anything? Changes nothing."""
     problems, spare, check = upgrade_problems(mv, services, kernel)
-    if upgrade_running:
-        problems.insert(0, "an upgrade is already running on this node")
+    running = mv.gate.holder  # the mutating operation under way, if any
+    if running is not None:
+        problems.insert(0, f"the node is busy: {running} is running")
     elif mv.mode != DEVIRTUALIZED:
         problems.insert(0, "the node is virtualized: maintenance is under way")
     live = mv.live()
