@@ -2,9 +2,11 @@
 instances, or a newly started instance beginning from the pristine state.
 
 Everything a guest can observe is here: registers, segment and control registers,
-xsave (FPU/SSE/AVX), XCRs, the MSRs that carry OS state, the LAPIC with its timer,
-pending events, debug registers and the multiprocessing state. The VM-wide
-interrupt controllers and PIT are per instance too, because each OS programs them.
+xsave (FPU/SSE/AVX), XCRs, every MSR KVM can save (its KVM_GET_MSR_INDEX_LIST, the
+paravirtual ones included: kvmclock, steal time, async PF, PV EOI ...) but the clock's,
+the LAPIC with its timer, pending events, debug registers and the multiprocessing
+state. The VM-wide interrupt controllers and PIT are per instance too, because each
+OS programs them.
 
 Restore order follows what KVM requires: LAPIC mode before the TSC deadline MSR,
 sregs (with APIC base) before the LAPIC, events last so a pending exception or
@@ -14,30 +16,30 @@ interrupt is injected into the restored context.
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
+from collections.abc import Iterable
 
 from ioctl import numbers as n
 from ioctl import structs as s
 
 from .kvm import Vcpu, Vm
 
+log = logging.getLogger("pyvmm.cpu_state")
+
 MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_ADJUST = 0x3B
 MSR_IA32_TSC_DEADLINE = 0x6E0
-# MSRs that hold OS state. EFER and APIC_BASE travel in sregs; FS/GS base in the
-# segment registers; the TSC itself is shared time and is never rewound.
-STATE_MSRS = (
-    0x174,  # SYSENTER_CS
-    0x175,  # SYSENTER_ESP
-    0x176,  # SYSENTER_EIP
-    0x277,  # PAT
-    0xC0000081,  # STAR
-    0xC0000082,  # LSTAR
-    0xC0000083,  # CSTAR
-    0xC0000084,  # SFMASK
-    0xC0000102,  # KERNEL_GS_BASE
-    0xC0000103,  # TSC_AUX
-    0x1A0,  # MISC_ENABLE
-)
+# MSRs of KVM_GET_MSR_INDEX_LIST a world switch leaves alone: the TSC is the node's
+# time, which goes on while an instance is switched out (restoring it, or the adjust
+# that offsets it, would rewind the clock). The TSC deadline is switched on its own,
+# after the LAPIC (KVM ignores it in the wrong LAPIC mode). EFER and APIC_BASE travel
+# in sregs and FS/GS base in the segment registers; KVM does not list them.
+NOT_SWITCHED = {
+    MSR_IA32_TSC: "the TSC is the node's time",
+    MSR_IA32_TSC_ADJUST: "it offsets the node's TSC",
+    MSR_IA32_TSC_DEADLINE: "restored after the LAPIC",
+}
 IRQCHIP_IDS = (n.KVM_IRQCHIP_PIC_MASTER, n.KVM_IRQCHIP_PIC_SLAVE, n.KVM_IRQCHIP_IOAPIC)
 
 # LAPIC registers (byte offsets in kvm_lapic_state.regs) and timer modes.
@@ -141,13 +143,46 @@ class CpuState:
         self.pit = s.kvm_pit_state2()
 
 
+def switched_msrs(vcpu: Vcpu, index_list: Iterable[int]) -> tuple[list[int], dict[int, str]]:
+    """The MSRs a world switch saves and restores: every MSR that KVM lists as savable
+    (KVM_GET_MSR_INDEX_LIST), but the clock's, that reads and writes back on this
+    vCPU; and the ones left out, with why. Call before the guest runs: it writes each
+    MSR's current value back."""
+    chosen: list[int] = []
+    left_out: dict[int, str] = {}
+    for index in index_list:
+        if index in NOT_SWITCHED:
+            left_out[index] = NOT_SWITCHED[index]
+            continue
+        try:
+            value = vcpu.get_msrs((index,))[index]
+        except OSError as exc:
+            left_out[index] = f"KVM cannot read it here ({exc})"
+            continue
+        try:
+            vcpu.set_msrs({index: value})
+        except OSError as exc:
+            left_out[index] = f"KVM cannot restore it here ({exc})"
+            continue
+        chosen.append(index)
+    unexpected = {m: why for m, why in left_out.items() if m not in NOT_SWITCHED}
+    if unexpected:
+        log.warning(
+            "MSRs not switched between instances: %s",
+            ", ".join(f"{m:#x} ({why})" for m, why in unexpected.items()),
+        )
+    return chosen, left_out
+
+
 class StateSwitcher:
     """Saves and restores ``CpuState`` on one vCPU, reusing buffers (no allocation)."""
 
-    def __init__(self, vm: Vm, vcpu: Vcpu, supported_msrs: set[int]) -> None:
+    def __init__(self, vm: Vm, vcpu: Vcpu, msr_index_list: list[int]) -> None:
         self.vm = vm
         self.vcpu = vcpu
-        self.msrs = tuple(m for m in STATE_MSRS if m in supported_msrs)
+        msrs, self.msrs_left_out = switched_msrs(vcpu, msr_index_list)
+        self.msrs = tuple(msrs)
+        supported_msrs = set(msr_index_list)
         self.has_tsc_deadline = MSR_IA32_TSC_DEADLINE in supported_msrs
         extra = (MSR_IA32_TSC_DEADLINE,) if self.has_tsc_deadline else ()
         self._saved_msrs = (*self.msrs, *extra, MSR_IA32_TSC)

@@ -348,7 +348,9 @@ class Vcpu(_Fd):
         for entry, index in zip(msrs.entries, wanted, strict=True):
             entry.index = index
         got = _ioctl(self.fd, n.KVM_GET_MSRS, msrs)
-        return {entry.index: entry.data for entry in msrs.entries[:got]}
+        if got != len(wanted):  # KVM stops at the first MSR it cannot read
+            raise kvm_error(errno.EINVAL, f"KVM_GET_MSRS (MSR {wanted[got]:#x} unreadable)")
+        return {entry.index: entry.data for entry in msrs.entries}
 
     def set_msrs(self, values: dict[int, int]) -> None:
         msrs = s.kvm_msrs_with(len(values))()

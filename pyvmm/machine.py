@@ -84,6 +84,10 @@ VIRTIO_WINDOW = 0x1000
 VIRTIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15)
 VIRTIO_QUEUE_NOTIFY = 0x050
 
+# Exits KVM completes only at the next KVM_RUN (an IN's data into RAX, the rest of a
+# string instruction): see Machine._complete_exit.
+_COMPLETED_AT_NEXT_RUN = (n.KVM_EXIT_IO, n.KVM_EXIT_MMIO)
+
 # What machine.run returns when asked to hand the vCPU back to its caller.
 HANDOVER = "handover"
 
@@ -209,7 +213,7 @@ class Machine:
         return " ".join(f"virtio_mmio.device=4K@{base:#x}:{gsi}" for base, gsi in chosen.values())
 
     def _capture_pristine(self) -> CpuState:
-        self.switcher = StateSwitcher(self.vm, self.vcpu, set(self.kvm.msr_index_list()))
+        self.switcher = StateSwitcher(self.vm, self.vcpu, self.kvm.msr_index_list())
         state = CpuState()
         self.switcher.save(state)
         return state
@@ -271,10 +275,13 @@ class Machine:
                     run()
                 except InterruptedError:
                     kvm_run.immediate_exit = 0
+                    words[_EXIT_REASON_INDEX] = n.KVM_EXIT_INTR  # no guest exit pending
                     self._on_kick()
                     continue
                 exits += 1
                 handlers[words[_EXIT_REASON_INDEX]]()
+            if words[_EXIT_REASON_INDEX] in _COMPLETED_AT_NEXT_RUN:
+                self._complete_exit(words)
         finally:
             words.release()
             if timer is not None:
@@ -284,6 +291,21 @@ class Machine:
         result = self._result
         result.exits = self.exit_count
         return result
+
+    def _complete_exit(self, words: memoryview) -> None:
+        """Let KVM finish the exit the run ended on, before anyone saves or replaces the
+        vCPU's state: KVM completes an I/O or MMIO exit only at the next KVM_RUN, which
+        with immediate_exit set does just that and returns (KVM API, "immediate_exit").
+        Otherwise, e.g. after a guest's exit through the debug-exit port, the completion
+        would run against whatever state is loaded next (another instance's).
+        immediate_exit stays set: the next run starts with one empty round, and a kick
+        that arrives meanwhile is not lost."""
+        self.vcpu.kvm_run.immediate_exit = 1
+        try:
+            self.vcpu.run()
+        except InterruptedError:
+            pass
+        words[_EXIT_REASON_INDEX] = n.KVM_EXIT_INTR
 
     def stop(self, result: RunResult) -> None:
         """End the run from any thread."""

@@ -42,3 +42,35 @@ def test_copies_are_independent():
     copied.irqchips[2].chip.ioapic.redirtbl[4] = 0x24
     assert state.regs.rip == 0x1000 and state.msrs == {0x10: 1}
     assert state.irqchips[2].chip.ioapic.redirtbl[4] == 0
+
+
+class FakeVcpu:
+    """MSRs as KVM would have them: some cannot be read, some not written back."""
+
+    def __init__(self, unreadable: set[int], unwritable: set[int]) -> None:
+        self.values = {0x174: 8, 0x4B564D01: 0x2001, 0x10: 5, 0x3B: 0, 0x6E0: 0, 0x999: 1}
+        self.unreadable, self.unwritable = unreadable, unwritable
+
+    def get_msrs(self, indices):
+        for index in indices:
+            if index in self.unreadable:
+                raise OSError(22, f"KVM_GET_MSRS (MSR {index:#x} unreadable)")
+        return {index: self.values[index] for index in indices}
+
+    def set_msrs(self, values):
+        for index in values:
+            if index in self.unwritable:
+                raise OSError(22, "KVM_SET_MSRS")
+
+
+def test_switched_msrs_are_the_index_list_but_the_clock_each_checked():
+    from pyvmm.cpu_state import switched_msrs
+
+    vcpu = FakeVcpu(unreadable={0x999}, unwritable=set())
+    chosen, left_out = switched_msrs(vcpu, [0x174, 0x10, 0x3B, 0x6E0, 0x4B564D01, 0x999])
+    assert chosen == [0x174, 0x4B564D01]  # the paravirtual kvmclock MSR too
+    assert set(left_out) == {0x10, 0x3B, 0x6E0, 0x999}
+    assert "cannot read" in left_out[0x999]
+    vcpu = FakeVcpu(unreadable=set(), unwritable={0x174})
+    chosen, left_out = switched_msrs(vcpu, [0x174, 0x4B564D01])
+    assert chosen == [0x4B564D01] and "cannot restore" in left_out[0x174]

@@ -122,3 +122,32 @@ def test_an_instruction_fetch_from_the_other_partition_stops_the_intruder(kernel
     node.machine.close()
     assert result.reason == "stopped", result.message
     assert "scribble exec returned" not in node.text
+
+
+def test_an_instance_that_exits_by_port_io_leaves_the_other_intact(kernels):
+    """The guest's OUT to the debug-exit port is completed by KVM at the next KVM_RUN;
+    that must happen before the other instance's registers are loaded. Instances boot
+    and exit (an OUT at CPL0, a string OUT at CPL3, which KVM's emulator completes)
+    again and again while a computes."""
+    node = Node(kernels, cmdline="probe=compute mib=8", mem=MEM)
+
+    def script(n: Node) -> None:
+        n.mv.virtualize()
+        for i in range(10):
+            name = f"x{i}"
+            action = "exit:7" if i % 2 else "user-exit-rep:7"
+            n.mv.start(n.kernel("probe.elf"), f"console=ttyS1 probe={action}", name=name)
+            deadline = time.monotonic() + 10
+            while n.mv.instances[name].live and time.monotonic() < deadline:
+                time.sleep(0.005)
+            result = n.mv.instances[name].result
+            assert result is not None and (result.reason, result.status) == ("exit", 7)
+            assert n.mv.instances["a"].live, n.mv.instances["a"].result
+        rounds = last_int(n, r"^probe: compute rounds=(\d+)")
+        n.wait_for(rf"^probe: compute rounds={rounds + 16} errors=0", 30)
+        n.mv.devirtualize()
+
+    result = node.run_with(script, timeout=90)
+    node.machine.close()
+    assert result.reason == "stopped", result.message
+    assert "CRASH" not in node.text

@@ -109,7 +109,7 @@ int kmain(void)
 		return echo_poll();
 	if (!strcmp(action, "echo-irq"))
 		return echo_irq();
-	if (!strncmp(action, "user-exit:", 10) || !strcmp(action, "user-fault") || !strcmp(action, "clock") ||
+	if (!strncmp(action, "user-exit:", 10) || !strncmp(action, "user-exit-rep:", 14) || !strcmp(action, "user-fault") || !strcmp(action, "clock") ||
 	    !strcmp(action, "timer") || !strcmp(action, "syscall") || !strcmp(action, "user-echo-irq") ||
 	    !strcmp(action, "user-map") || !strcmp(action, "idle") || !strcmp(action, "compute") ||
 	    !strcmp(action, "scribble"))

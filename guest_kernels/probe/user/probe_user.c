@@ -1,6 +1,8 @@
 /*
  * probe.elf's CPL3 actions (kmain hands over with user_run() for these):
  *   user-exit:N  exit(N) from CPL3
+ *   user-exit-rep:N  exit(N) from CPL3 with a string OUT (rep outsb) to the
+ *                debug-exit port: KVM completes it in its instruction emulator
  *   user-fault   read an unmapped address: CRASH ... cpl=3, exit 3
  *   clock        11 clock_ns lines 100 ms apart (busy-waiting on the clock)
  *   timer        LAPIC timer at hz= (default 100), wait_interrupt until 1 s passed
@@ -210,6 +212,14 @@ int umain(void)
 		action = "";
 	if (!strncmp(action, "user-exit:", 10) && (code = parse_u8(action + 10)) >= 0)
 		sys_exit(code);
+	if (!strncmp(action, "user-exit-rep:", 14) && (code = parse_u8(action + 14)) >= 0) {
+		uint8_t bytes[2] = { (uint8_t)code, (uint8_t)code };
+		const uint8_t *p = bytes;
+		uint64_t count = 2;
+
+		__asm__ volatile("rep outsb" : "+S"(p), "+c"(count) : "d"(0xf4) : "memory");
+		return 1;
+	}
 	if (!strcmp(action, "user-fault"))
 		return *(volatile uint8_t *)UNMAPPED;
 	if (!strcmp(action, "clock"))
