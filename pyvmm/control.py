@@ -136,6 +136,8 @@ def handle(
         return _error(FAILED, str(exc))
     except OSError as exc:
         return _error(FAILED, f"host error: {exc}")
+    except Exception as exc:  # a bug: the reply says so, the node and the socket go on
+        return _error(FAILED, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

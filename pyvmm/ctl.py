@@ -131,7 +131,9 @@ def run_upgrade(
     timeouts: dict[str, float] | None = None,
     as_json: bool = False,
 ) -> int:
-    """``pyvmm upgrade``: 0 upgraded, 3 rolled back, 1 the request failed."""
+    """``pyvmm upgrade``: 0 upgraded (also rolled forward: the new version serves, the
+    report says what is left), 3 rolled back, 1 the request failed or the node is not
+    in a known state (the report's ``invariant`` says what is wrong)."""
     import os
     import time
 
@@ -164,9 +166,15 @@ def run_upgrade(
                 f"upgraded {report['before']} -> {report['after']} in "
                 f"{report['total_s'] * 1000:.0f} ms ({phases})"
             )
+            if report.get("outcome") == "rolled_forward":
+                _out(f"left to do: {report['failed_phase']}: {report['reason']}")
         else:
             _out(
                 f"rolled back: {report['failed_phase']}: {report['reason']}; still "
                 f"{report['before']} ({phases})"
             )
+        for problem in report.get("invariant", []):
+            _err(f"pyvmm: error: the node is not in a known state: {problem}")
+    if report.get("outcome") == "failed":
+        return 1
     return 0 if report["ok"] else EX_ROLLED_BACK

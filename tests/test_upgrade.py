@@ -166,34 +166,53 @@ def test_upgrade_under_load_loses_nothing(node):
 
 
 # fault: (the phase that fails, words of the reason, the console prefix of the webkv that
-# misbehaves: A, the first instance, has the node's console to itself, B's lines say [b])
+# misbehaves: A, the first instance, has the node's console to itself, B's lines say [b];
+# None: a host-side fault), the guest's own name for it, extra time-outs)
 FAULTS = {
-    "boot-fails": ("boot", "", None),
-    "crash-after-ready": ("release", "gone", None),
+    "boot-fails": ("boot", "", None, None, ()),
+    "crash-after-ready": ("release", "gone", None, None, ()),
     # B boots with fault=never-serving: its agent never answers acquire, and the
     # acquire time-out (short here) rolls back.
-    "never-serving": ("acquire", "never reported serving", r"\[b\] "),
+    "never-serving": ("acquire", "never reported serving", r"\[b\] ", "never-serving", ()),
     # A's agent, armed just before the release, refuses it and serves on.
-    "release-refused": ("release", "refused to release: fault-injected", ""),
-    "phase-timeout": ("acquire", "never reported serving", None),  # host-side: a tiny time-out
+    "release-refused": (
+        "release",
+        "refused to release: fault-injected",
+        "",
+        "release-refused",
+        (),
+    ),
+    "phase-timeout": ("acquire", "never reported serving", None, None, ()),  # a tiny time-out
+    # A's agent never answers the release: its time-out expires, and A, asked on a fresh
+    # connection, takes the service back.
+    "release-timeout": ("release", "no reply to 'release'", "", "release-hang", ("release=1",)),
+    # A begins releasing and drops its agent connection: it finishes releasing, then
+    # re-acquires (answering "error releasing" until it can).
+    "release-closed": ("release", "closed the connection", "", "release-close", ()),
+    # B triple-faults when asked to acquire: the wait ends when it is gone.
+    "crash-during-acquire": ("acquire", "gone", r"\[b\] ", "crash-on-acquire", ()),
+    # Every I/O of B's disk front-end fails during acquire: B cannot mount the log.
+    "disk-eio": ("acquire", "answered 'error", None, None, ()),
 }
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_every_injected_fault_rolls_back(node, fault):
-    phase, reason, guest = FAULTS[fault]
+    phase, reason, guest, guest_fault, timeouts = FAULTS[fault]
     idle = node.keep_alive()
     assert status_on(idle)["version"] == "v1"
     before = leak_counters(node)
     load = KvLoad(node.port, clients=4).start()
     time.sleep(0.3)
-    status, report = node.upgrade("v2", "--inject", fault, "--timeout", "acquire=2")
+    extra = [arg for t in ("acquire=2", *timeouts) for arg in ("--timeout", t)]
+    status, report = node.upgrade("v2", "--inject", fault, *extra)
     time.sleep(0.3)
     load.stop()
     assert status == 3, report
     result = report["result"]
     assert result["rolled_back"] and result["after"] == "v1", result
     assert result["failed_phase"] == phase and reason in result["reason"], result
+    assert result["invariant"] == [] and "trouble" not in result, result
     assert not load.failures, load.failures[:5]
     assert load.reconnects == 0
     assert len(load.acked) > 0
@@ -203,8 +222,8 @@ def test_every_injected_fault_rolls_back(node, fault):
     last = assert_known_state(node, before, "a", "rolled_back")["last_upgrade"]
     assert (last["phase"], last["reason"]) == (phase, result["reason"])
     if guest is not None:  # the guest itself misbehaved, and said so on its console
-        node.guest.expect(rf"^{guest}webkv: fault-armed={fault}$", timeout=5)
-        node.guest.expect(rf"^{guest}webkv: fault={fault}$", timeout=5)
+        node.guest.expect(rf"^{guest}webkv: fault-armed={guest_fault}$", timeout=5)
+        node.guest.expect(rf"^{guest}webkv: fault={guest_fault}$", timeout=5)
     else:
         assert "webkv: fault" not in node.guest.stdout
     # Nothing stays armed (a fault fires once): the next upgrade goes through.
@@ -212,6 +231,57 @@ def test_every_injected_fault_rolls_back(node, fault):
     assert status == 0 and report["result"]["after"] == "v2", report
     after = status_on(idle)
     assert (after["version"], after["keys"]) == ("v2", info["keys"])
+
+
+# Faults after the commit point: B serves, and the upgrade rolls forward.
+LATE_FAULTS = {
+    # B answers serving, then closes its agent connection: nothing needs it any more.
+    "agent-dies-after-serving": ("upgraded", None),
+    # Stopping A raises inside the VMM once: retried.
+    "retire-fails": ("upgraded", "retire (try 1): InjectedFault: injected fault: stop"),
+    # devirtualize raises on every try: left virtualized, with the reason in status,
+    # and `pyvmm ctl devirtualize` finishes it.
+    "devirtualize-fails": (
+        "rolled_forward",
+        "devirtualize (try 3): InjectedFault: injected fault: devirtualize",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(LATE_FAULTS))
+def test_a_failure_after_the_commit_rolls_forward(node, fault):
+    outcome, trouble = LATE_FAULTS[fault]
+    idle = node.keep_alive()
+    assert status_on(idle)["version"] == "v1"
+    before = leak_counters(node)
+    load = KvLoad(node.port, clients=4).start()
+    time.sleep(0.3)
+    status, report = node.upgrade("v2", "--inject", fault)
+    time.sleep(0.3)
+    load.stop()
+    result = report["result"]
+    assert status == 0 and result["ok"] and result["after"] == "v2", report
+    assert result["outcome"] == outcome and result["invariant"] == [], result
+    if trouble is None:
+        assert "trouble" not in result, result
+    else:
+        assert any(trouble in line for line in result.get("trouble", [])), json.dumps(result)
+    assert not load.failures, load.failures[:5]
+    assert load.reconnects == 0 and len(load.acked) > 0
+    assert load.lost_writes() == []
+    assert status_on(idle)["version"] == "v2"  # B serves the same keep-alive connection
+    if outcome == "rolled_forward":
+        left = node_status(node)
+        assert left["mode"] == "virtualized" and left["invariant"] == [], left
+        assert "devirtualize failed" in left["virtualized_reason"], left
+        assert [i["name"] for i in left["instances"] if i["status"] == "running"] == ["b"]
+        assert control_request(node, "devirtualize")["ok"]
+    if fault == "agent-dies-after-serving":
+        node.guest.expect(r"^\[b\] webkv: fault=agent-close$", timeout=5)
+    assert_known_state(node, before, "b", outcome)
+    status, report = node.upgrade("v1")
+    assert status == 0 and report["result"]["outcome"] == "upgraded", report
+    assert status_on(idle)["version"] == "v1"
 
 
 def test_idle_keep_alive_connection_moves_to_the_new_instance(node):

@@ -27,7 +27,8 @@
 #define SYS_map			5	/* (phys, len, flags) -> virtual address (== phys) or -error */
 #define SYS_timer		6	/* (hz) -> previous hz; 0 stops the LAPIC timer */
 #define SYS_irq			7	/* (pin, flags) -> vector; routes IOAPIC pin -> IRQ_VECTOR(pin) */
-#define NR_SYSCALLS		8
+#define SYS_crash		8	/* () -> does not return: a triple fault (fault injection) */
+#define NR_SYSCALLS		9
 
 /* errors (returned negated) */
 #define E_INVAL		22

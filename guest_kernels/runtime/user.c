@@ -252,6 +252,15 @@ static int64_t sys_write(uint64_t fd, const char *buf, uint64_t len)
 
 static int64_t sys_exit(uint64_t code) { debug_exit(code & 0xff); }
 
+/* An OS that crashes for real (injected faults): no IDT, then an exception. */
+static int64_t sys_crash(void)
+{
+	struct { uint16_t limit; uint64_t base; } __attribute__((packed)) none = { 0, 0 };
+
+	__asm__ volatile("lidt %0; ud2" : : "m"(none));
+	return 0;
+}
+
 static int64_t sys_clock_ns(void)
 {
 	return ((unsigned __int128)rdtsc() * user_info.ns_mult) >> 32;
@@ -340,6 +349,7 @@ const void *const syscall_table[NR_SYSCALLS] = {
 	[SYS_map] = sys_map,
 	[SYS_timer] = sys_timer,
 	[SYS_irq] = sys_irq,
+	[SYS_crash] = sys_crash,
 };
 
 /* ---- entering user mode ---- */

@@ -55,6 +55,7 @@ static inline uint64_t sys_wait_interrupt(void) { return syscall0(SYS_wait_inter
 static inline int64_t sys_map(uint64_t phys, uint64_t len, uint64_t flags) { return syscall3(SYS_map, phys, len, flags); }
 static inline int64_t sys_timer(uint64_t hz) { return syscall3(SYS_timer, hz, 0, 0); }
 static inline int64_t sys_irq(unsigned pin, unsigned flags) { return syscall3(SYS_irq, pin, flags, 0); }
+static inline void sys_crash(void) { syscall0(SYS_crash); }
 
 /* ---- clock: the fast path reads the TSC natively, no kernel entry ---- */
 static inline uint64_t urdtsc(void)

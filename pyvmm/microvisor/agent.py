@@ -8,12 +8,17 @@ client: no hypervisor interface. Open agents are counted (``open_agents``) so th
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
+import time
+from collections.abc import Callable
 
 from ..node import ServiceDevices
 
 AGENT_PORT = 7000
+POLL_S = 0.05  # how often a wait for a reply looks whether the instance still lives
+MAX_LINE = 4096
 
 _count_lock = threading.Lock()
 _open = 0
@@ -24,6 +29,8 @@ def open_agents() -> int:
 
 
 class Agent:
+    """One connection; ``ask`` sends a command and waits for its reply line."""
+
     def __init__(self, services: ServiceDevices, partition: int, timeout: float) -> None:
         global _open
         vsock = services.vsocks[partition]
@@ -34,19 +41,43 @@ class Agent:
         except BaseException:
             self._listener.close()
             raise
-        self._reader = self._sock.makefile("rb")
+        self._buffer = bytearray()
         self._closed = False
+        self.broken = False  # a reply is overdue: the next one would be out of step
         with _count_lock:
             _open += 1
 
-    def ask(self, command: str, timeout: float) -> str:
-        """One command, one reply line. After a time-out the connection is unusable (a
-        timed-out socket file cannot be read again): close it and open a new Agent."""
+    def ask(self, command: str, timeout: float, alive: Callable[[], bool] | None = None) -> str:
+        """One command, one reply line. ``alive`` is checked while waiting: when the
+        instance is gone the wait ends at once (ConnectionError) instead of at the
+        time-out. After a time-out the connection is of no further use (a late reply
+        would answer the next command): open a new Agent."""
+        if self.broken:
+            raise ConnectionError("the agent connection is out of step after a time-out")
+        deadline = time.monotonic() + timeout
         self._sock.settimeout(timeout)
         self._sock.sendall(command.encode() + b"\n")
-        line = self._reader.readline(4096)
-        if not line:
-            raise ConnectionError("the agent closed the connection")
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.broken = True
+                raise TimeoutError(f"no reply to {command!r} within {timeout:g} s")
+            readable, _, _ = select.select([self._sock], [], [], min(remaining, POLL_S))
+            if not readable:
+                if alive is not None and not alive():
+                    self.broken = True
+                    raise ConnectionError("the instance is gone (crashed or powered off)")
+                continue
+            chunk = self._sock.recv(4096)
+            if not chunk:
+                self.broken = True
+                raise ConnectionError("the agent closed the connection")
+            self._buffer += chunk
+            if len(self._buffer) > MAX_LINE and b"\n" not in self._buffer:
+                self.broken = True
+                raise ConnectionError("the agent sent an over-long line")
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
         return line.decode(errors="replace").strip()
 
     def close(self) -> None:
@@ -56,6 +87,5 @@ class Agent:
         self._closed = True
         with _count_lock:
             _open -= 1
-        self._reader.close()
         self._sock.close()
         self._listener.close()

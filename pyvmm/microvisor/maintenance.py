@@ -1,21 +1,60 @@
 """Online upgrade: the maintenance protocol of DESIGN.md §6 as a state machine.
 
 Phases, each with a time-out: preflight → virtualize → boot → ready → release →
-move → acquire → retire → devirtualize. A failure before ``retire`` rolls back: the
-service goes back to the old instance A, the new instance B is stopped, and the
-node is devirtualized with A. Nothing acknowledged is lost: A flushes its log before
-it reports ``released``, and B recovers that log before it reports ``serving``.
+move → acquire ‖ retire → devirtualize. B answering ``serving`` to ``acquire`` is the
+commit point (‖). Every step has a compensating action, and every path ends in the
+invariant of ``health.invariant_problems`` (one instance serving, with the listeners
+and the disk lease; devirtualized unless ``virtualized_reason`` says why; no agent or
+listener left open), which the report and ``status``'s ``last_upgrade`` carry.
 
-The instances' maintenance agents speak a line protocol on vsock port 7000
-(``ready?`` / ``release`` / ``acquire``), reached through a host listener on the
-instance's own vsock device, like any other client: no hypervisor interface.
+Before the commit, any failure (an error, a time-out, an exception of any kind) rolls
+back to A. The compensations run in this order, each guarded (one failing does not
+stop the others; the report lists it):
 
-Injected faults (``inject``, for tests and demos) make the guests misbehave, except
-``phase-timeout``, a time-out too short for anyone. ``boot-fails`` gives B an image
-that does not parse, ``crash-after-ready`` stops B as a crash would, ``never-serving``
-boots B with ``fault=never-serving`` (its agent never answers ``acquire``), and
-``release-refused`` arms A's agent with ``fault release-refused`` just before the
-release (A refuses it and serves on; the fault fires once).
+    step done                        compensation
+    boot: B started                  stop B (first: before the commit B serves no one,
+                                     and stopped it can touch nothing)
+    move: disk lease to B            lease back to A (B is fenced once grant returns)
+    release: A paused                resume A
+    release: A asked to release      A acquires again, on a fresh agent connection (the
+                                     old one may be dead or out of step after a
+                                     time-out); "error releasing" is retried until A
+                                     has finished releasing, then it serves again
+    release: listeners detached      listeners attached to A (waiting clients and
+    move: listeners attached to B    the connections handed back are replayed to A)
+    virtualize                       devirtualize (A alone again)
+
+After the commit the new instance serves, and nothing rolls back: a failure rolls
+forward. ``retire`` (stop A) and ``devirtualize`` are retried; if they still fail, the
+node stays virtualized on purpose, ``virtualized_reason`` says why, A (if it could not
+be stopped) is paused and ``Microvisor.retire_pending`` names it, and
+``pyvmm ctl NODE devirtualize`` finishes the job. An agent of B that dies after
+``serving`` changes nothing: its connection is closed like any other.
+
+Nothing acknowledged is lost: A flushes its log before it reports ``released``, and
+B recovers that log before it reports ``serving``; after a rollback A recovers it
+again when it re-acquires.
+
+The instances' maintenance agents (agent.py) are reached through a host listener on
+the instance's own vsock device, like any other client: no hypervisor interface.
+
+Injected faults (``inject``, for tests and demos), by phase:
+  boot       boot-fails: B's image does not parse
+  ready      crash-after-ready: B is stopped as a crash would (host)
+  release    release-refused: A's agent refuses (guest fault, armed just before)
+             release-timeout: A's agent never answers the release (guest fault
+               release-hang; the release time-out expires, A serves on)
+             release-closed: A begins releasing and closes its agent connection
+  acquire    never-serving: B's agent never answers acquire (guest, fault= at boot)
+             phase-timeout: an acquire time-out too short for anyone (host)
+             crash-during-acquire: B triple-faults when asked to acquire (guest)
+             disk-eio: every I/O of B's disk front-end fails during acquire (host)
+  (commit)   agent-dies-after-serving: B answers serving, then closes its agent
+             connection (guest)
+  retire     retire-fails: stopping A raises inside the VMM, once (retried)
+  devirtualize  devirtualize-fails: devirtualize raises inside the VMM on every try
+             of this upgrade (left virtualized with a reason)
+A guest fault fires once; each prints ``webkv: fault=<name>`` on its console.
 """
 
 from __future__ import annotations
@@ -28,6 +67,7 @@ from collections.abc import Callable
 from ..errors import PyvmmError
 from ..node import ServiceDevices
 from .agent import Agent
+from .health import invariant_problems
 from .instance import OsInstance
 from .microvisor import VIRTUALIZED, Microvisor, MicrovisorError
 from .preflight import upgrade_problems
@@ -45,7 +85,35 @@ PHASES = (
 )
 DEFAULT_TIMEOUTS = {"boot": 10.0, "ready": 20.0, "release": 10.0, "acquire": 20.0}
 STANDBY_SLICE_S = 0.002
-FAULTS = ("boot-fails", "crash-after-ready", "never-serving", "release-refused", "phase-timeout")
+FAULTS = (
+    "boot-fails",
+    "crash-after-ready",
+    "never-serving",
+    "release-refused",
+    "phase-timeout",
+    "release-timeout",
+    "release-closed",
+    "crash-during-acquire",
+    "disk-eio",
+    "agent-dies-after-serving",
+    "retire-fails",
+    "devirtualize-fails",
+)
+# Guest faults: armed in A's agent before the release, or on B's command line.
+A_FAULTS = {
+    "release-refused": "release-refused",
+    "release-timeout": "release-hang",
+    "release-closed": "release-close",
+}
+B_FAULTS = {
+    "never-serving": "never-serving",
+    "crash-during-acquire": "crash-on-acquire",
+    "agent-dies-after-serving": "agent-close",
+}
+COMMIT = "acquire"  # B's "serving" to it is the commit point
+AFTER_COMMIT = ("retire", "devirtualize")
+ATTEMPTS = 3  # tries of a step after the commit
+RETRY_PAUSE_S = 0.1
 
 
 class UpgradeFailed(Exception):
@@ -85,6 +153,7 @@ class Upgrade:
         self.phases: list[dict[str, object]] = []
         self.phase: str | None = None
         self.versions: dict[str, str] = {}
+        self._fired = False  # a host fault that fires once has fired
 
     # --- driver ------------------------------------------------------------------
 
@@ -99,7 +168,7 @@ class Upgrade:
         self._note("running", None, None, None)
         try:
             result = self._run()
-        except BaseException as exc:
+        except BaseException as exc:  # not expected: _run keeps its own failures
             self._note("failed", self.phase, f"{type(exc).__name__}: {exc}", None)
             raise
         finally:
@@ -109,13 +178,10 @@ class Upgrade:
         # on their own time line (each phase's "start" is relative to this).
         result["monotonic_start"] = self.started
         result["phases"] = self.phases
-        if result["ok"]:
-            self._note("upgraded", None, None, result)
-        else:
-            self._note("rolled_back", result["failed_phase"], result["reason"], result)
+        self._note(str(result["outcome"]), result.get("failed_phase"), result.get("reason"), result)
         return result
 
-    def _note(self, outcome: str, phase: str | None, reason: str | None, report: object) -> None:
+    def _note(self, outcome: str, phase: object, reason: object, report: object) -> None:
         """``status``'s ``last_upgrade``: how it ended, or how far it is."""
         self.mv.last_upgrade = {
             "outcome": outcome,
@@ -127,31 +193,66 @@ class Upgrade:
 
     def _run(self) -> dict[str, object]:
         self.a = next((i for i in self.mv.live()), None)
-        self.b = None
+        self.b: OsInstance | None = None
         self.agents: dict[str, Agent] = {}
-        self.disk_moved = self.listeners_moved = self.a_paused = False
+        self.disk_moved = self.listeners_moved = self.a_paused = self.release_asked = False
+        self.trouble: list[str] = []  # compensations or late steps that failed
         try:
-            for phase in PHASES:
-                self._phase(phase, getattr(self, f"_{phase}"))
-            return {
-                "ok": True,
-                "before": self.versions.get("a"),
-                "after": self.versions.get("b"),
-                "instance": self.b.name,
-            }
-        except UpgradeFailed as failure:
-            self._rollback(failure)
-            return {
-                "ok": False,
-                "rolled_back": True,
-                "failed_phase": failure.phase,
-                "reason": failure.reason,
-                "before": self.versions.get("a"),
-                "after": self.versions.get("a"),
-            }
+            try:
+                for phase in PHASES[: PHASES.index(COMMIT) + 1]:
+                    self._phase(phase, getattr(self, f"_{phase}"))
+            except UpgradeFailed as failure:
+                self._roll_back()
+                result: dict[str, object] = {
+                    "ok": False,
+                    "outcome": "rolled_back",
+                    "rolled_back": True,
+                    "failed_phase": failure.phase,
+                    "reason": failure.reason,
+                    "before": self.versions.get("a"),
+                    "after": self.versions.get("a"),
+                }
+            else:
+                result = self._roll_forward()
         finally:
-            for agent in self.agents.values():
-                agent.close()
+            self._close_agents()
+            self._clear_host_faults()
+        result["invariant"] = problems = invariant_problems(self.mv, self.services)
+        if self.trouble:
+            result["trouble"] = self.trouble
+        if problems and result["outcome"] == "rolled_back":
+            result["outcome"] = "failed"  # the rollback did not bring A back whole
+        return result
+
+    def _roll_forward(self) -> dict[str, object]:
+        """After the commit: B serves. What is left is retried, or reported."""
+        assert self.b is not None
+        left = None
+        for phase in AFTER_COMMIT:
+            if not self._phase_retried(phase):
+                left = phase
+                break
+        result: dict[str, object] = {
+            "ok": True,
+            "outcome": "upgraded",
+            "before": self.versions.get("a"),
+            "after": self.versions.get("b"),
+            "instance": self.b.name,
+        }
+        if left is not None:
+            reason = self.trouble[-1]
+            if self.a is not None and self.a.live:
+                self.mv.retire_pending = self.a.name
+                try:
+                    self.mv.pause(self.a.name)  # released and fenced: it must not run
+                except Exception as exc:
+                    self.trouble.append(f"pause {self.a.name}: {exc}")
+            self.mv.virtualized_reason = (
+                f"upgrade to {self.versions.get('b')} committed but {left} failed "
+                f"({reason}); `pyvmm ctl NODE devirtualize` finishes it"
+            )
+            result.update(outcome="rolled_forward", failed_phase=left, reason=reason)
+        return result
 
     def _phase(self, name: str, step: Callable[[], None]) -> None:
         self.phase = name
@@ -164,10 +265,24 @@ class Upgrade:
         except UpgradeFailed:
             self._record(name, started, "failed")
             raise
-        except (MicrovisorError, PyvmmError, OSError, TimeoutError, ConnectionError) as exc:
+        except Exception as exc:  # whatever it is, the state machine decides what next
             self._record(name, started, "failed")
-            raise UpgradeFailed(name, str(exc) or type(exc).__name__) from None
+            reason = str(exc) or type(exc).__name__
+            if not isinstance(exc, MicrovisorError | PyvmmError | OSError):
+                reason = f"{type(exc).__name__}: {reason}"
+            raise UpgradeFailed(name, reason) from None
         self._record(name, started, "done")
+
+    def _phase_retried(self, name: str) -> bool:
+        """A step after the commit: tried ATTEMPTS times; False if it never succeeded."""
+        for attempt in range(ATTEMPTS):
+            try:
+                self._phase(name, getattr(self, f"_{name}"))
+                return True
+            except UpgradeFailed as failure:
+                self.trouble.append(f"{name} (try {attempt + 1}): {failure.reason}")
+                time.sleep(RETRY_PAUSE_S)
+        return False
 
     def _record(self, name: str, started: float, state: str) -> None:
         seconds = time.monotonic() - started
@@ -181,7 +296,7 @@ class Upgrade:
         )
         self.progress(name, state, seconds)
 
-    # --- phases ------------------------------------------------------------------------
+    # --- phases before the commit --------------------------------------------------------
 
     def _preflight(self) -> None:
         problems, spare, _ = upgrade_problems(self.mv, self.services, self.kernel)
@@ -201,7 +316,7 @@ class Upgrade:
         if self.inject == "boot-fails":
             kernel = os.devnull  # an image that does not parse: start must refuse it
         console = f"console=ttyS{self.spare.index}"
-        fault = " fault=never-serving" if self.inject == "never-serving" else ""
+        fault = f" fault={B_FAULTS[self.inject]}" if self.inject in B_FAULTS else ""
         cmdline = f"{console} role=standby name={name}{fault} {self.cmdline}".strip()
         # The name of a retired instance can be reused.
         self.b = self.mv.start(kernel, cmdline, name=name)
@@ -213,12 +328,15 @@ class Upgrade:
         deadline = time.monotonic() + self.timeouts["ready"]
         while True:
             self._check_alive(self.b, "ready")
+            agent = None
             try:
                 agent = Agent(self.services, self.b.partition.index, 1.0)
-                self.versions["b"] = self._version(agent, 1.0)
+                self.versions["b"] = self._version(agent, 1.0, self._b_alive)
                 self.agents["b"] = agent
                 break
             except (OSError, ConnectionError, UpgradeFailed):
+                if agent is not None:
+                    agent.close()  # each failed poll's connection and listener go
                 if time.monotonic() > deadline:
                     raise UpgradeFailed("ready", "the new instance never reported ready") from None
                 time.sleep(0.05)
@@ -227,12 +345,13 @@ class Upgrade:
 
     def _release(self) -> None:
         self._check_alive(self.b, "release")
-        if self.inject == "release-refused":
-            self._arm_fault(self.agents["a"], "release-refused", "release")
+        if self.inject in A_FAULTS:
+            self._arm_fault(self.agents["a"], A_FAULTS[self.inject], "release")
         for listener in self.services.listeners:
             listener.detach()  # new connections wait in the listen queue from here on
         self.listeners_moved = True
-        reply = self.agents["a"].ask("release", self.timeouts["release"])
+        self.release_asked = True
+        reply = self.agents["a"].ask("release", self.timeouts["release"], self._a_alive)
         if reply.startswith("refused"):
             why = reply.partition(" ")[2] or "no reason given"
             raise UpgradeFailed("release", f"the old instance refused to release: {why}")
@@ -254,49 +373,111 @@ class Upgrade:
             listener.attach(vsock)
 
     def _acquire(self) -> None:
+        if self.inject == "disk-eio":
+            self.services.disks[self.b.partition.index].fail_io = True
         timeout = self.timeouts["acquire"]
         started = time.monotonic()
         try:
-            reply = self.agents["b"].ask("acquire", max(timeout, 0.001))
+            reply = self.agents["b"].ask("acquire", max(timeout, 0.001), self._b_alive)
         except TimeoutError:
             raise UpgradeFailed("acquire", "the new instance never reported serving") from None
         if time.monotonic() - started > timeout:  # an answer after the deadline is none
             raise UpgradeFailed("acquire", "the new instance never reported serving in time")
         if not reply.startswith("serving"):
             raise UpgradeFailed("acquire", f"the new instance answered {reply!r}")
-        self.b.slice_s = None
+        self.b.slice_s = None  # committed: B is the node's service now
+
+    # --- phases after the commit: retried, never rolled back --------------------------
 
     def _retire(self) -> None:
-        self.agents.pop("a").close()
-        self.mv.stop(self.a.name)
+        if "a" in self.agents:
+            self.agents.pop("a").close()
+        if self.inject == "retire-fails" and not self._fired:
+            self._fired = True
+            self.mv.fail_next("stop")  # raises inside the VMM once: the retry succeeds
+        if self.a.live:
+            self.mv.stop(self.a.name)
 
     def _devirtualize(self) -> None:
-        self.mv.devirtualize()
+        if self.inject == "devirtualize-fails":
+            self.mv.fail_next("devirtualize")  # every try of this upgrade fails
+        if self.mv.mode == VIRTUALIZED:
+            self.mv.devirtualize()
 
     # --- rollback ------------------------------------------------------------------------
 
-    def _rollback(self, failure: UpgradeFailed) -> None:
+    def _roll_back(self) -> None:
+        """Before the commit: the service goes back to A (see the table above)."""
         self.progress("rollback", "start", 0.0)
         started = time.monotonic()
-        if self.a_paused:
-            self.mv.resume(self.a.name)
-        if self.b is not None and self.b.live:
-            self.mv.stop(self.b.name)
-        if self.disk_moved:
-            self.services.give_disk(self.a.partition.index)
-        if self.listeners_moved:
-            # The full time-out even when the failure was a (possibly injected) time-out.
-            reply = self.agents["a"].ask("acquire", DEFAULT_TIMEOUTS["acquire"])
-            if not reply.startswith("serving"):
-                raise PyvmmError(f"rollback: the old instance answered {reply!r} to acquire")
-            vsock = self.services.vsocks[self.a.partition.index]
-            for listener in self.services.listeners:
-                listener.attach(vsock)
+        a_vsock = self.services.vsocks[self.a.partition.index]
+        steps: list[tuple[str, bool, Callable[[], None]]] = [
+            ("stop B", self.b is not None and self.b.live, lambda: self.mv.stop(self.b.name)),
+            (
+                "disk lease back to A",
+                self.disk_moved,
+                lambda: self.services.give_disk(self.a.partition.index),
+            ),
+            ("resume A", self.a_paused, lambda: self.mv.resume(self.a.name)),
+            ("A acquires again", self.release_asked, self._a_acquires_again),
+            (
+                "listeners back to A",
+                self.listeners_moved,
+                lambda: [listener.attach(a_vsock) for listener in self.services.listeners],
+            ),
+            ("devirtualize", True, self._devirtualize_if_virtualized),
+        ]
+        failed = False
+        for what, needed, compensate in steps:
+            if not needed:
+                continue
+            try:
+                compensate()
+            except Exception as exc:
+                failed = True
+                self.trouble.append(f"rollback: {what}: {type(exc).__name__}: {exc}")
+        self._record("rollback", started, "failed" if failed else "done")
+
+    def _a_acquires_again(self) -> None:
+        """A serves again. Its first agent connection may be dead or out of step (a
+        release time-out), so a fresh one asks; A still busy releasing says so, and is
+        asked again until it has let go and can take the service back."""
+        old = self.agents.pop("a", None)
+        if old is not None:
+            old.close()
+        timeout = DEFAULT_TIMEOUTS["acquire"]  # the full one, even after a time-out
+        deadline = time.monotonic() + timeout
+        agent = self.agents["a"] = Agent(self.services, self.a.partition.index, 5.0)
+        while True:
+            reply = agent.ask("acquire", max(0.1, deadline - time.monotonic()), self._a_alive)
+            if reply.startswith("serving"):
+                return
+            if reply != "error releasing" or time.monotonic() > deadline:
+                raise PyvmmError(f"the old instance answered {reply!r} to acquire")
+            time.sleep(0.02)
+
+    def _devirtualize_if_virtualized(self) -> None:
         if self.mv.mode == VIRTUALIZED:
             self.mv.devirtualize()
-        self._record("rollback", started, "done")
 
     # --- helpers ---------------------------------------------------------------------
+
+    def _close_agents(self) -> None:
+        for agent in self.agents.values():
+            agent.close()
+        self.agents.clear()
+
+    def _clear_host_faults(self) -> None:
+        if self.b is not None and self.inject == "disk-eio":
+            self.services.disks[self.b.partition.index].fail_io = False
+        self.mv.fail_next("stop", 0)
+        self.mv.fail_next("devirtualize", 0)
+
+    def _a_alive(self) -> bool:
+        return self.a is not None and self.a.live
+
+    def _b_alive(self) -> bool:
+        return self.b is not None and self.b.live
 
     def _check_alive(self, instance: OsInstance | None, phase: str) -> None:
         if instance is None or not instance.live:
@@ -308,8 +489,8 @@ class Upgrade:
             raise UpgradeFailed(phase, f"cannot inject {fault}: the agent answered {reply!r}")
 
     @staticmethod
-    def _version(agent: Agent, timeout: float) -> str:
-        reply = agent.ask("ready?", timeout)
+    def _version(agent: Agent, timeout: float, alive: Callable[[], bool] | None = None) -> str:
+        reply = agent.ask("ready?", timeout, alive)
         if not reply.startswith("ready "):
             raise UpgradeFailed("ready", f"unexpected agent reply {reply!r}")
         return reply.split()[1]

@@ -60,6 +60,10 @@ class RequestFailed(MicrovisorError):
     in time: then it was cancelled and nothing was changed)."""
 
 
+class InjectedFault(RuntimeError):
+    """An exception raised inside the VMM on purpose (``Microvisor.fail_next``)."""
+
+
 class OperationGate:
     """One mutating operation at a time (start, stop, move, virtualize, devirtualize,
     pause, resume, upgrade). A second one, from another thread, is refused at once
@@ -119,6 +123,10 @@ class Microvisor:
         # Guest RAM the running instance can reach: its own partition (isolation.py).
         self.slots = PartitionSlots(machine.vm, machine.memory, isolation)
         self.gate = OperationGate()
+        # An instance an upgrade could not retire (it is paused, serving nothing):
+        # devirtualize stops it first.
+        self.retire_pending: str | None = None
+        self._injected: dict[str, int] = {}  # operation → failures still to inject
         self.request_timeout_s = REQUEST_TIMEOUT_S
         # Partition → devices of its retired instance still writing into it.
         self._unquiesced: dict[int, set[str]] = {}
@@ -167,8 +175,26 @@ class Microvisor:
             self._on_vcpu(self._virtualize)
 
     def devirtualize(self) -> None:
+        """Back to one instance on the bare vCPU. Also finishes what an upgrade left
+        (``virtualized_reason``): an old instance it could not retire is stopped first."""
         with self.gate.hold("devirtualize"):
+            pending = self.instances.get(self.retire_pending or "")
+            if pending is not None and pending.live and len(self.live()) > 1:
+                self._on_vcpu(lambda: self._stop(pending.name))
+            self.retire_pending = None
             self._on_vcpu(self._devirtualize)
+
+    def fail_next(self, operation: str, times: int = 1) -> None:
+        """Fault injection (tests, demos): the next ``times`` ``stop`` or
+        ``devirtualize`` operations raise ``InjectedFault`` inside the VMM, on the vCPU
+        thread, before they change anything."""
+        self._injected[operation] = times
+
+    def _injected_fault(self, operation: str) -> None:
+        left = self._injected.get(operation, 0)
+        if left > 0:
+            self._injected[operation] = left - 1
+            raise InjectedFault(f"injected fault: {operation} failed inside the VMM")
 
     def stop(self, name: str) -> None:
         with self.gate.hold("stop"):
@@ -321,6 +347,7 @@ class Microvisor:
     def _devirtualize(self) -> None:
         if self.mode != VIRTUALIZED:
             raise MicrovisorError("not virtualized")
+        self._injected_fault("devirtualize")
         survivors = self.live()
         if len(survivors) != 1:
             raise MicrovisorError(
@@ -374,6 +401,7 @@ class Microvisor:
         instance = self.instances.get(name)
         if instance is None or not instance.live:
             raise MicrovisorError(f"no running instance named {name!r}")
+        self._injected_fault("stop")
         if len(self.live()) == 1:
             raise MicrovisorError(f"{name!r} is the only instance; it cannot be stopped")
         self._retire(instance, RunResult("stopped", 0, "stopped by request"))

@@ -839,17 +839,24 @@ static void agent_command(struct hconn *hc, const char *cmd)
 		agent_send(hc, buf);
 	} else if (!strcmp(cmd, "release")) {
 		int r = begin_release();
-		if (r > 0)
+		if (r == 2)
+			hc->agent_wait = AGENT_WAIT_FOREVER;
+		else if (r > 0)
 			agent_send(hc, "released");
 		else if (r < 0)
 			agent_send(hc, "refused fault-injected");
+		else if (fault_fires(FAULT_RELEASE_CLOSE))
+			close_conn(hc);	/* the release goes on without its agent */
 		else
 			hc->agent_wait = AGENT_WAIT_RELEASE;
 	} else if (!strcmp(cmd, "acquire")) {
-		if (do_acquire(buf, sizeof(buf)) > 0)
+		if (do_acquire(buf, sizeof(buf)) > 0) {
 			hc->agent_wait = AGENT_WAIT_FOREVER;
-		else
+		} else {
 			agent_send(hc, buf);
+			if (fault_fires(FAULT_AGENT_CLOSE))
+				close_conn(hc);
+		}
 	} else if (!strncmp(cmd, "fault ", 6)) {
 		if (arm_fault(cmd + 6)) {
 			agent_send(hc, "error unknown-fault");

@@ -44,8 +44,18 @@ static unsigned port_streams(uint32_t port)
 
 /* ---- injected faults (tests and demos) ---- */
 
-enum fault { FAULT_NONE, FAULT_NEVER_SERVING, FAULT_RELEASE_REFUSED, N_FAULTS };
-static const char *const fault_names[N_FAULTS] = { "none", "never-serving", "release-refused" };
+/*
+ * never-serving: acquire gets no reply and nothing is served, ever (B);
+ * release-refused: release answered "refused", serving on (A);
+ * release-hang: release gets no reply and nothing is released: the agent hangs (A);
+ * release-close: the release begins, and the agent closes its connection (A);
+ * crash-on-acquire: acquire crashes the whole OS, a triple fault (B);
+ * agent-close: acquire is answered, then the agent closes that connection (B).
+ */
+static const char *const fault_names[N_FAULTS] = {
+	"none", "never-serving", "release-refused", "release-hang", "release-close",
+	"crash-on-acquire", "agent-close"
+};
 static enum fault armed_fault;
 
 int arm_fault(const char *name)
@@ -60,7 +70,7 @@ int arm_fault(const char *name)
 }
 
 /* Is fault f armed?  Then it fires, once: it is disarmed. */
-static int fault_fires(enum fault f)
+int fault_fires(enum fault f)
 {
 	if (armed_fault != f)
 		return 0;
@@ -104,6 +114,8 @@ int begin_release(void)
 {
 	if (!releasing && fault_fires(FAULT_RELEASE_REFUSED))
 		return -1;		/* refused: still serving (if it was) */
+	if (!releasing && fault_fires(FAULT_RELEASE_HANG))
+		return 2;		/* no answer, nothing released */
 	if (!serving && !releasing)
 		return 1;
 	if (!releasing) {
@@ -158,6 +170,10 @@ int do_acquire(char *reply, size_t size)
 	}
 	if (!serving && fault_fires(FAULT_NEVER_SERVING))
 		return 1;		/* no answer and no service, ever */
+	if (!serving && fault_fires(FAULT_CRASH_ON_ACQUIRE)) {
+		wlog_flush();
+		sys_crash();
+	}
 	if (!serving && start_serving(&why)) {
 		ksnprintf(reply, size, "error %s", why);
 		return -1;

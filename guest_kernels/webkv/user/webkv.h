@@ -136,6 +136,11 @@ void agent_reply_all(int which, const char *line);
 #define AGENT_WAIT_RELEASE	1
 #define AGENT_WAIT_ACQUIRE	2
 #define AGENT_WAIT_FOREVER	3	/* the never-serving fault: no reply, ever */
+enum fault {	/* injected faults: see main.c */
+	FAULT_NONE, FAULT_NEVER_SERVING, FAULT_RELEASE_REFUSED, FAULT_RELEASE_HANG,
+	FAULT_RELEASE_CLOSE, FAULT_CRASH_ON_ACQUIRE, FAULT_AGENT_CLOSE, N_FAULTS
+};
+int fault_fires(enum fault f);
 
 /* main.c: the agent's commands */
 int begin_release(void);
@@ -145,6 +150,6 @@ int begin_release(void);
 __attribute__((format(printf, 1, 2))) void wlog(const char *fmt, ...);
 void wlog_flush(void);		/* 1 already released, 0 reply later, -1 refused (fault) */
 int do_acquire(char *reply, size_t size);	/* 0 serving, -1 error, 1 no reply (fault) */
-int arm_fault(const char *name);	/* "none", "never-serving", "release-refused"; -1 unknown */
+int arm_fault(const char *name);	/* a fault's name (main.c) or "none"; -1 unknown */
 
 #endif

@@ -98,6 +98,8 @@ class VirtioBlk(VirtioBackend):
         self._thread: threading.Thread | None = None
         self._closed = False
         self._resetting = False  # a reset waits for the lock: take no new request
+        # Fault injection (tests): every read, write and flush fails with IOERR.
+        self.fail_io = False
         self.requests = 0
 
     def config(self) -> bytes:
@@ -215,7 +217,7 @@ class VirtioBlk(VirtioBackend):
         return chain.writable_len
 
     def _transfer(self, sector: int, length: int, views: list[memoryview], write: bool) -> int:
-        if length % SECTOR or sector + length // SECTOR > self.capacity:
+        if length % SECTOR or sector + length // SECTOR > self.capacity or self.fail_io:
             return VIRTIO_BLK_S_IOERR
         if write and self.read_only:
             return VIRTIO_BLK_S_IOERR
@@ -242,6 +244,8 @@ class VirtioBlk(VirtioBackend):
         return VIRTIO_BLK_S_OK
 
     def _flush(self) -> int:
+        if self.fail_io:
+            return VIRTIO_BLK_S_IOERR
         try:
             os.fsync(self._fd)
         except OSError as exc:
