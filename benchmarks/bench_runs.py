@@ -1,12 +1,14 @@
 """Running bench.elf under pyvmm and QEMU microvm, and bench-native on the host; each
 run also reports the peak huge-page backing of the process (guest RAM or the native
-program's buffers), sampled from /proc/PID/smaps_rollup while it runs."""
+program's buffers), sampled from /proc/PID/smaps_rollup while it runs, and, where it
+is known, the share of each workload's wall time its thread was on a CPU (native:
+its own CLOCK_THREAD_CPUTIME_ID; pyvmm in this process: in_process.py)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common import KERNELS, pyvmm_command, qemu_microvm_command
 from harness import PeakBacking
@@ -19,9 +21,27 @@ STREAM_MIB = 64
 class BenchRun:
     lines: dict[str, dict]  # bench.elf's JSON lines by workload
     huge_mib: float  # peak AnonHugePages + ShmemPmdMapped of the process
+    on_cpu: dict[str, float] = field(default_factory=dict)  # CPU time / wall time
 
     def cycles(self, workloads: list[str]) -> dict[str, float]:
-        return {w: self.lines[w]["cycles"] for w in workloads}
+        """TSC cycles of each workload (wall time), and as ``<name>_cpu`` the cycles
+        its thread was on a CPU, where known: what other processes' use of the CPU
+        does not change."""
+        out = {w: float(self.lines[w]["cycles"]) for w in workloads}
+        for w in workloads:
+            if w in self.on_cpu:
+                out[f"{w}_cpu"] = out[w] * self.on_cpu[w]
+        return out
+
+
+def native_on_cpu(lines: dict[str, dict]) -> dict[str, float]:
+    """bench-native's own CPU time per workload ("cpu_ns") over its TSC wall time."""
+    khz = lines["start"]["tsc_khz"]
+    return {
+        name: line["cpu_ns"] * khz / 1e6 / line["cycles"]
+        for name, line in lines.items()
+        if "cpu_ns" in line and line.get("cycles")
+    }
 
 
 def parse(console: str) -> dict[str, dict]:
@@ -47,7 +67,7 @@ def _checked(command: list[str], ok_status: int, what: str) -> BenchRun:
     lines = parse(stdout)
     if process.returncode != ok_status or "done" not in lines:
         raise SystemExit(f"{what} failed ({process.returncode}):\n{stdout}{stderr}")
-    return BenchRun(lines, backing.huge_mib())
+    return BenchRun(lines, backing.huge_mib(), native_on_cpu(lines))
 
 
 def under_pyvmm(args: str, tsc_khz: int) -> BenchRun:

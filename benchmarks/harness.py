@@ -143,6 +143,8 @@ class Plan:
     time_cap_s: float = 300.0
     order: str = "alternate"
     seed: int = 1
+    # the metrics whose ratios must reach ``precision`` (empty: all of them)
+    target_metrics: tuple[str, ...] = ()
 
 
 @dataclass
@@ -173,10 +175,12 @@ class Rounds:
 
     def widest(self) -> float:
         """The largest relative CI half-width over every ratio (inf before two rounds)."""
+        target = self.plan.target_metrics
         widths = [
             r.get("ci95_half_width_percent", math.inf)
             for per_metric in self.ratios().values()
-            for r in per_metric.values()
+            for metric, r in per_metric.items()
+            if not target or metric in target
         ]
         return max(widths, default=math.inf) / 100
 
@@ -195,6 +199,7 @@ class Rounds:
                 "min_rounds": self.plan.min_rounds,
                 "max_rounds": self.plan.max_rounds,
                 "precision_target_percent": self.plan.precision * 100,
+                "precision_metrics": list(self.plan.target_metrics) or "all",
                 "time_cap_s": self.plan.time_cap_s,
                 "stop_reason": self.stop_reason,
                 "elapsed_s": round(self.elapsed_s, 2),
@@ -454,8 +459,9 @@ def add_arguments(parser: argparse.ArgumentParser, plan: Plan) -> None:
     )
 
 
-def plan_from(args: argparse.Namespace) -> Plan:
+def plan_from(args: argparse.Namespace, target_metrics: Iterable[str] = ()) -> Plan:
     return Plan(
+        target_metrics=tuple(target_metrics),
         min_rounds=args.rounds,
         max_rounds=max(args.max_rounds, args.rounds),
         warmup=args.warmup,

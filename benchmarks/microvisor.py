@@ -15,46 +15,20 @@ runs the same command line, including the wait.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import threading
 import time
 
 import harness
 from common import KERNELS, report
+from in_process import MODES, bench_run
 
 from pyvmm.machine import Machine, RunResult
-from pyvmm.microvisor import Microvisor, OsInstance
+from pyvmm.microvisor import Microvisor
 
 MiB = 1 << 20
 WORKLOADS = ("alu", "stream", "chase", "crc32")
-MODES = ("plain", "devirtualized", "virtualized", "virtualized+idle")
 STREAM_MIB = 64
-WAITED = b'{"bench": "waited"'
-
-
-class Capture:
-    """Both consoles' output, and when bench.elf said it had finished waiting."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.waited_at: float | None = None
-
-    def __call__(self, data: bytes) -> None:
-        self.data += data
-        if self.waited_at is None and WAITED in self.data:
-            self.waited_at = time.monotonic()
-
-    def bench_lines(self) -> dict[str, dict]:
-        lines = {}
-        for line in self.data.decode(errors="replace").splitlines():
-            line = line.split("] ", 1)[-1] if line.startswith("[") else line
-            if line.startswith('{"bench"'):
-                record = json.loads(line)
-                lines[record["bench"]] = record
-        return lines
 
 
 def world_switch(seconds: float) -> dict:
@@ -105,73 +79,6 @@ def kick_latency(count: int) -> dict:
     return {"kicks": len(samples), "latency_us": harness.median_ci(samples, 1)}
 
 
-def _end_when_retired(machine: Machine, instance: OsInstance) -> None:
-    """The idle instance never exits: end the node once the benchmark instance has."""
-
-    def watch() -> None:
-        while instance.live:
-            time.sleep(0.01)
-        machine.call_on_vcpu(lambda: machine.stop(RunResult("stopped", 0)))
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _cycle_then_devirtualize(mv: Microvisor, transition: dict[str, float]) -> None:
-    """A real round trip through virtualized mode: a second instance is booted, runs
-    beside the first for a moment (world switches), is stopped, and the node
-    devirtualizes. The benchmark instance is spinning in wait_ms meanwhile."""
-    mv.start(str(KERNELS / "probe.elf"), "console=ttyS1 probe=idle", name="b")
-    time.sleep(0.2)
-    mv.stop("b")
-    mv.devirtualize()
-    transition["devirtualized_at"] = time.monotonic()
-    transition["switches"] = mv.switches
-
-
-def bench_run(mode: str, cmdline: str) -> tuple[dict[str, dict], float]:
-    """bench.elf once in ``mode``: its JSON lines by workload, and the peak huge-page
-    MiB of this process (where the guest RAM lives) during the run."""
-    console = Capture()
-    transition: dict[str, float] = {}
-    with harness.PeakBacking(os.getpid(), interval_s=0.2) as backing:
-        if mode == "plain":
-            with Machine(256 * MiB, console=console) as m:
-                m.boot(str(KERNELS / "bench.elf"), cmdline)
-                result = m.run(600)
-                backing.sample()  # before the guest RAM is unmapped
-        else:
-            with Machine(256 * MiB, partitions=2, console=console, console2=console) as m:
-                mv = Microvisor(m)
-                bench = mv.boot(str(KERNELS / "bench.elf"), cmdline)
-                mv.virtualize()  # before the first instruction
-                driver = None
-                if mode == "virtualized+idle":
-                    mv.start(str(KERNELS / "probe.elf"), "console=ttyS1 probe=idle", name="b")
-                    _end_when_retired(m, bench)
-                elif mode == "devirtualized":
-                    driver = threading.Thread(
-                        target=_cycle_then_devirtualize, args=(mv, transition)
-                    )
-                    driver.start()
-                result = mv.run(600)
-                backing.sample()
-                if driver:
-                    driver.join(30)
-                result = bench.result or result
-    if result.reason != "exit" or result.status != 0:
-        sys.exit(f"bench.elf failed in mode {mode}: {result.message}\n{console.data.decode()}")
-    if mode == "devirtualized":
-        done = transition.get("devirtualized_at")
-        if done is None or console.waited_at is None or done >= console.waited_at:
-            sys.exit(
-                "devirtualized: the node had not devirtualized before the workloads "
-                f"started ({transition}, waited at {console.waited_at}); raise --wait-ms"
-            )
-        if not transition["switches"]:
-            sys.exit("devirtualized: no world switch happened while virtualized")
-    return console.bench_lines(), backing.huge_mib()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--modes", default=",".join(MODES))
@@ -196,17 +103,19 @@ def main() -> None:
             f"{kick['latency_us']['median']:.0f} us",
         )
         return
-    cmdline = f"console=ttyS0 run={','.join(WORKLOADS)} wait_ms={args.wait_ms} {args.args}"
+    cmdline = (
+        f"console=ttyS0 run={','.join(WORKLOADS)} mark=1 wait_ms={args.wait_ms} {args.args}"
+    ).strip()
     results: dict[str, set[str]] = {w: set() for w in WORKLOADS}
     huge_mib: dict[str, list[float]] = {}
 
     def runner(name: str, mode: str) -> harness.Runner:
         def once() -> dict[str, float]:
-            lines, huge = bench_run(mode, cmdline.strip())
-            huge_mib.setdefault(name, []).append(huge)
+            done = bench_run(mode, cmdline)
+            huge_mib.setdefault(name, []).append(done.huge_mib)
             for w in WORKLOADS:
-                results[w].add(lines[w]["result"])
-            return {w: lines[w]["cycles"] for w in WORKLOADS}
+                results[w].add(done.lines[w]["result"])
+            return done.cycles(list(WORKLOADS))
 
         return once
 
@@ -216,8 +125,12 @@ def main() -> None:
     if args.aa:
         configs = {n: runner(n, args.aa) for n in (args.aa, f"{args.aa}'")}
         baseline = args.aa
+    target = [f"{w}_cpu" for w in WORKLOADS]
     rounds = harness.run_rounds(
-        configs, baseline, harness.plan_from(args), progress=harness.stderr_progress("microvisor")
+        configs,
+        baseline,
+        harness.plan_from(args, target),
+        progress=harness.stderr_progress("microvisor"),
     )
     out = rounds.to_json()
     overhead = {}
@@ -229,13 +142,19 @@ def main() -> None:
             }
             for w, r in per.items()
         }
-        overhead[mode]["mean_percent"] = round(
-            statistics.mean(r["ratio"] - 1 for r in per.values()) * 100, 3
-        )
+        for kind, suffix in (("wall", ""), ("cpu", "_cpu")):
+            ratios = [per[w + suffix]["ratio"] for w in WORKLOADS if w + suffix in per]
+            if ratios:
+                overhead[mode][f"mean_{kind}_percent"] = round(
+                    (statistics.mean(ratios) - 1) * 100, 3
+                )
     result = {
         "benchmark": "microvisor",
         "mode": f"A/A {args.aa}" if args.aa else "modes",
-        "cmdline": cmdline.strip(),
+        "cmdline": cmdline,
+        "metrics": "<workload>: TSC cycles (wall); <workload>_cpu: the cycles the vCPU "
+        "thread was on a CPU (its CPU time over wall time between bench.elf's mark and "
+        "end lines, read on the vCPU thread), which other processes' load does not change",
         "world_switch": switch,
         "kick": kick,
         **out,
@@ -247,14 +166,19 @@ def main() -> None:
         "machine_after": harness.machine_state(),
     }
     parts = [
-        f"{mode} " + ", ".join(f"{w} {harness.ci_text(r, percent=True)}" for w, r in per.items())
+        f"{mode} "
+        + ", ".join(
+            f"{w} {harness.ci_text(per[w + '_cpu'], percent=True)}"
+            for w in WORKLOADS
+            if w + "_cpu" in per
+        )
         for mode, per in out["ratios"].items()
     ]
     report(
         result,
         f"microvisor: world switch p50 {switch['latency_us']['median']:.0f} us "
         f"CI {switch['latency_us'].get('median_ci95')} p99 {switch['latency_us']['p99']:.0f} us; "
-        f"kick p50 {kick['latency_us']['median']:.0f} us; CPU overhead vs {baseline} "
+        f"kick p50 {kick['latency_us']['median']:.0f} us; on-CPU overhead vs {baseline} "
         f"({out['method']['rounds']} rounds, {out['method']['stop_reason']}): " + "; ".join(parts),
     )
 

@@ -56,8 +56,12 @@ def test_short_aa_run_of_overhead_is_consistent(kernels):
     assert ratio["ratio"] == pytest.approx(statistics.median(per_round), abs=1e-6)
     low, high = ratio["ci95"]
     assert min(per_round) - 1e-6 <= low <= ratio["ratio"] <= high <= max(per_round) + 1e-6
-    # the same program against itself: far from any real difference even in 3 short runs
-    assert 0.8 < ratio["ratio"] < 1.25
+    # pyvmm runs in the benchmark's process: the vCPU thread's CPU share was read
+    on_cpu = out["configs"]["pyvmm"]["alu_cpu"]["samples"]
+    assert all(0 < c <= w for c, w in zip(on_cpu, a, strict=True))
+    # the same program against itself: far from any real difference even in 3 short
+    # runs, when measured in on-CPU cycles (wall time here depends on the other users)
+    assert 0.75 < out["ratios"]["pyvmm'"]["alu_cpu"]["ratio"] < 1.33
     assert out["pinning"]["pinned"] is False
     assert out["machine_before"]["kernel"] and "thp" in out["machine_after"]
     assert done.stderr.strip().splitlines()[-1].startswith("overhead: 3 rounds")

@@ -186,3 +186,19 @@ def test_median_ci_of_many_samples_covers_the_true_median():
     big = harness.median_ci([rng.gauss(50.0, 5.0) for _ in range(10_000)])
     assert big["median_ci95"][0] < 50.0 < big["median_ci95"][1]
     assert big["median_ci95"][1] - big["median_ci95"][0] < 0.5
+
+
+def test_only_the_target_metrics_decide_when_to_stop():
+    rng = random.Random(4)
+
+    def run():
+        return {"steady": 1000.0 * (1 + rng.gauss(0, 0.0005)), "noisy": rng.uniform(1, 3)}
+
+    plan = harness.Plan(
+        min_rounds=10, max_rounds=40, warmup=0, precision=0.005, target_metrics=("steady",)
+    )
+    rounds = harness.run_rounds({"a": run, "b": run}, "a", plan)
+    assert rounds.stop_reason == "precision_reached" and len(rounds.orders) == 10
+    out = rounds.to_json()
+    assert out["ratios"]["b"]["noisy"]["within_precision"] is False
+    assert out["method"]["precision_metrics"] == ["steady"]

@@ -18,6 +18,7 @@
 
 const int plat_has_portio = 0;
 const int plat_has_timer = 0;
+const int plat_has_cpu_ns = 1;
 uint64_t plat_tsc_khz;
 const char *plat_tsc_source;
 
@@ -87,6 +88,14 @@ static uint64_t now_ns(void)
 	struct timespec ts;
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+uint64_t plat_cpu_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
 	return ts.tv_sec * 1000000000ULL + ts.tv_nsec;
 }
 

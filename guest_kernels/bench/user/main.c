@@ -4,6 +4,7 @@
 
 const int plat_has_portio = 1;
 const int plat_has_timer = 1;
+const int plat_has_cpu_ns = 0;		/* the host measures it (mark=1) */
 uint64_t plat_tsc_khz;
 const char *plat_tsc_source;
 
@@ -12,6 +13,7 @@ void plat_write(const char *s, size_t n) { sys_write(1, s, n); }
 const char *plat_arg(const char *key) { return uarg(key); }
 uint64_t plat_timer(uint64_t hz) { return sys_timer(hz); }
 uint64_t plat_ticks(void) { return uticks(); }
+uint64_t plat_cpu_ns(void) { return 0; }
 
 static size_t heap_mark;
 

@@ -19,6 +19,8 @@ uint64_t plat_ticks(void);			/* timer interrupts so far */
 extern const int plat_has_timer;		/* 0: plat_timer() does nothing, no ticks (native) */
 void plat_null_syscall(void);			/* one cheap system call (guest SYS_null, Linux getppid) */
 extern const int plat_has_portio;		/* outb to port 0x80 allowed (guest only) */
+uint64_t plat_cpu_ns(void);			/* this thread's CPU time, ns (0 if unknown) */
+extern const int plat_has_cpu_ns;		/* plat_cpu_ns() works (native) */
 extern uint64_t plat_tsc_khz;			/* TSC frequency the platform uses */
 extern const char *plat_tsc_source;
 
