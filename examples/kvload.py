@@ -1,5 +1,6 @@
 """A webkv load generator: keep-alive HTTP clients that write unique keys and read
-them back, recording every request's latency and every acknowledged write.
+them back, now and then overwrite or delete one, recording every request's latency and
+every acknowledged write (the latest value of each key, and the deleted keys).
 
 Each client keeps one connection for its whole run and never re-sends a request:
 an error status, a wrong value, a closed, reset or refused connection or a time-out
@@ -12,7 +13,9 @@ from __future__ import annotations
 import http.client
 import multiprocessing
 import statistics
+import sys
 import time
+from pathlib import Path
 
 
 class Sample:
@@ -34,7 +37,8 @@ class KvLoad:
         """``rate``: requests per second per client (0: each client sends its next
         request as soon as it has the answer, which keeps the server saturated)."""
         self.host, self.port = host, port
-        self.acked: dict[str, bytes] = {}
+        self.acked: dict[str, bytes] = {}  # key → its latest acknowledged value
+        self.deleted: set[str] = set()  # keys whose DELETE was acknowledged last
         self.failures: list[str] = []
         self.samples: list[Sample] = []
         self.reconnects = 0
@@ -71,24 +75,53 @@ class KvLoad:
                 self.failures.append(f"client process {process.pid} sent no results")
                 process.kill()
                 continue
-            samples, acked, failures, reconnects = receiver.recv()
+            samples, acked, deleted, failures, reconnects = receiver.recv()
             self.samples += [Sample(*sample) for sample in samples]
-            self.acked.update(acked)
+            self.acked.update(acked)  # each client has keys of its own
+            self.deleted |= deleted
             self.failures += failures
             self.reconnects += reconnects
             process.join(10)
         self.samples.sort(key=lambda sample: sample.start)
 
+    @property
+    def writes(self) -> int:
+        """Acknowledged writes that a check covers: keys with their latest value, and
+        deleted keys."""
+        return len(self.acked) + len(self.deleted)
+
     def lost_writes(self) -> list[str]:
-        """Acknowledged writes that the service no longer returns."""
+        """Acknowledged writes that the service no longer returns (asks the live
+        service; ``lost_on_disk`` reads the disk itself)."""
         lost = []
         conn = _connect(self.host, self.port)
         for key, value in list(self.acked.items()):
             status, body = _send(conn, "GET", f"/kv/{key}", None)
             if (status, body) != (200, value):
                 lost.append(key)
+        for key in list(self.deleted):
+            if _send(conn, "GET", f"/kv/{key}", None)[0] != 404:
+                lost.append(key)
         conn.close()
         return lost
+
+    def lost_on_disk(self, image: str) -> list[str]:
+        """Acknowledged writes missing from a webkv disk image, read with the guest's
+        own recovery rules (guest_kernels/tools/webkv_disk.py). Read it once the node
+        is gone (SIGKILL): the image is then what a fresh boot would recover."""
+        with open(image, "rb") as f:
+            data = f.read()
+        return webkv_disk().check_acknowledged(data, self.acked, self.deleted)
+
+
+def webkv_disk():
+    """The project's disk tool, guest_kernels/tools/webkv_disk.py, as a module."""
+    tools = str(Path(__file__).resolve().parent.parent / "guest_kernels" / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import webkv_disk
+
+    return webkv_disk
 
 
 def _connect(host: str, port: int) -> http.client.HTTPConnection:
@@ -104,10 +137,13 @@ def _send(conn, method: str, path: str, body: bytes | None) -> tuple[int, bytes]
 def run_client(
     host: str, port: int, index: int, stop, results, rate: float = 0.0, started=None
 ) -> None:
-    """One client's loop (in its own process): PUT a unique key, GET it back; at
-    ``rate`` requests per second if given (a missed slot is not made up)."""
+    """One client's loop (in its own process): PUT a unique key, GET it back; every
+    4th round also overwrites the previous round's key, every 6th deletes the key of
+    two rounds before (so a check covers latest values and deletes too); at ``rate``
+    requests per second if given (a missed slot is not made up)."""
     samples: list[tuple[str, float, float]] = []
     acked: dict[str, bytes] = {}
+    deleted: set[str] = set()
     failures: list[str] = []
     reconnects = 0
     conn = _connect(host, port)
@@ -135,6 +171,27 @@ def run_client(
             samples.append(("GET", started, time.monotonic()))
             if (status, body) != (200, value):
                 failures.append(f"GET {key}: HTTP {status} {body[:40]!r}")
+            if n % 4 == 0 and f"load{index}-{n - 2}" in acked:
+                key = f"load{index}-{n - 2}"
+                value = f"again-{index}-{n}-{time.time_ns()}".encode()
+                acked.pop(key)  # unknown until acknowledged
+                started = time.monotonic()
+                status, _ = _send(conn, "PUT", f"/kv/{key}", value)
+                samples.append(("PUT", started, time.monotonic()))
+                if status not in (200, 201, 204):
+                    failures.append(f"PUT {key} again: HTTP {status}")
+                    continue
+                acked[key] = value
+            if n % 6 == 0 and f"load{index}-{n - 3}" in acked:
+                key = f"load{index}-{n - 3}"
+                acked.pop(key)
+                started = time.monotonic()
+                status, _ = _send(conn, "DELETE", f"/kv/{key}", None)
+                samples.append(("DELETE", started, time.monotonic()))
+                if status not in (200, 204):
+                    failures.append(f"DELETE {key}: HTTP {status}")
+                    continue
+                deleted.add(key)
         except Exception as exc:
             failures.append(f"client {index}: {exc!r}")
             conn.close()
@@ -142,7 +199,7 @@ def run_client(
             conn = _connect(host, port)
             reconnects += 1
     conn.close()
-    results.send((samples, acked, failures, reconnects))
+    results.send((samples, acked, deleted, failures, reconnects))
 
 
 def percentile(values: list[float], fraction: float) -> float:

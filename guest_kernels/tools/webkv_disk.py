@@ -95,6 +95,31 @@ def scan(data: bytes, sb: dict):
     return records, end
 
 
+def live_keys(data: bytes) -> dict[bytes, bytes] | None:
+    """The keys and values the guest's recovery finds on this image (None: no valid
+    superblock, as on a blank disk: the guest would format it, so no keys)."""
+    sb = read_superblock(data)
+    if sb is None:
+        return None
+    live: dict[bytes, bytes] = {}
+    for _, h, key, value in scan(data, sb)[0]:
+        if h["op"] == OP_PUT:
+            live[key] = value
+        else:
+            live.pop(key, None)
+    return live
+
+
+def check_acknowledged(
+    data: bytes, acked: dict[str, bytes], deleted: set[str] | frozenset[str] = frozenset()
+) -> list[str]:
+    """Acknowledged writes the image does not hold: keys whose latest acknowledged value
+    is not what recovery finds, and acknowledged deletes whose key recovery still has."""
+    live = live_keys(data) or {}
+    lost = [key for key, value in acked.items() if live.get(key.encode()) != value]
+    return lost + [key for key in deleted if key.encode() in live]
+
+
 def cmd_dump(args) -> int:
     with open(args.disk, "rb") as f:
         data = f.read()
