@@ -1,13 +1,14 @@
 """Upgrade a fleet of live webkv nodes online through Ansible, all at once or rolling.
 
-    .venv/bin/python examples/fleet_upgrade.py [--nodes N] [--rolling] [--inject FAULT]
-                                               [--json] [--png FILE]
+    .venv/bin/python examples/fleet_upgrade.py [--nodes N] [--rolling | --all-at-once]
+                                               [--inject FAULT] [--json] [--png FILE]
     .venv/bin/python examples/fleet_upgrade.py --serve [--nodes N]
 
 Starts N webkv-v1 nodes on this machine (each its own `pyvmm boot --control`, disk and
 forwarded port, as examples/online_upgrade.py does), drives a light, rate-limited load
-on every node with examples/kvload.py, and runs examples/fleet/upgrade.yml (rolling.yml
-with --rolling) with ansible-playbook against them. Then checks every node: failed
+on every node with examples/kvload.py, and runs examples/fleet/upgrade.yml (a canary,
+then all the rest; --all-at-once: one batch; --rolling: rolling.yml, one node at a time)
+with ansible-playbook against them. Then checks every node: failed
 requests, lost writes, longest stall, the version now serving, and prints the fleet
 report. --inject makes the last node's upgrade fail (it rolls back); the other nodes go
 on as the play's failure policy says. --serve only starts the nodes, at the sockets
@@ -61,10 +62,15 @@ def write_inventory(workdir: Path, hosts: list[str], inject: str | None) -> Path
     return path
 
 
-def run_playbook(inventory: Path, workdir: Path, rolling: bool, forks: int) -> dict:
+# How the nodes are batched: upgrade.yml's canary then all the rest, everything in one
+# batch (the same play with serial 100%), or rolling.yml's one node at a time.
+MODES = ("canary", "parallel", "rolling")
+
+
+def run_playbook(inventory: Path, workdir: Path, mode: str, forks: int) -> dict:
     """Runs the play; returns its wall time, exit status, output and the fleet report."""
     report = workdir / "report.json"
-    playbook = FLEET / ("rolling.yml" if rolling else "upgrade.yml")
+    playbook = FLEET / ("rolling.yml" if mode == "rolling" else "upgrade.yml")
     command = [
         ansible_playbook(),
         "-i",
@@ -75,13 +81,15 @@ def run_playbook(inventory: Path, workdir: Path, rolling: bool, forks: int) -> d
         "-e",
         f"pyvmm_report={report}",
     ]
+    if mode == "parallel":
+        command += ["-e", "pyvmm_serial=100%"]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, env=ANSIBLE_ENV, timeout=600)
     ended = time.monotonic()
     if not report.exists():
         # A failure stopped the playbook before its report play: run that play alone.
         subprocess.run(
-            [*command[:3], str(FLEET / "report.yml"), *command[4:]],
+            [*command[:3], str(FLEET / "report.yml"), *command[4:8]],
             capture_output=True,
             env=ANSIBLE_ENV,
             timeout=120,
@@ -135,7 +143,7 @@ def node_get(node: Node, path: str) -> str:
 
 def run(
     nodes: int,
-    rolling: bool,
+    mode: str = "canary",
     inject: str | None = None,
     clients: int = 2,
     rate: float = 40.0,
@@ -152,7 +160,7 @@ def run(
         loads = {h: KvLoad(n.port, clients, rate=rate).start() for h, n in fleet_nodes.items()}
         time.sleep(settle)
         inventory = write_inventory(workdir, hosts, inject)
-        play = run_playbook(inventory, workdir, rolling, forks=max(nodes, 5))
+        play = run_playbook(inventory, workdir, mode, forks=max(nodes, 5))
         time.sleep(settle)
         for load in loads.values():
             load.stop()
@@ -172,7 +180,7 @@ def run(
     }
     return {
         "nodes": nodes,
-        "mode": "rolling" if rolling else "parallel",
+        "mode": mode,
         "inject": inject,
         "playbook_status": play["status"],
         **timing,
@@ -237,7 +245,11 @@ def serve(nodes: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--rolling", action="store_true", help="serial: 1 (rolling.yml)")
+    batches = parser.add_mutually_exclusive_group()
+    batches.add_argument("--rolling", action="store_true", help="serial: 1 (rolling.yml)")
+    batches.add_argument(
+        "--all-at-once", action="store_true", help="no canary: every node in one batch"
+    )
     parser.add_argument("--inject", help="a fault for the last node's upgrade (it rolls back)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--png", help="write each node's request latency and upgrade window")
@@ -250,7 +262,8 @@ def main() -> None:
     if args.serve:
         serve(args.nodes)
         return
-    result = run(args.nodes, args.rolling, args.inject, args.clients, args.rate)
+    mode = "rolling" if args.rolling else "parallel" if args.all_at_once else "canary"
+    result = run(args.nodes, mode, args.inject, args.clients, args.rate)
     if args.png:
         plot(result, args.png)
     report = {k: v for k, v in result.items() if not k.startswith("_")}

@@ -63,6 +63,30 @@ def test_a_failure_on_one_node_rolls_that_node_back():
         assert node["failed_requests"] == 0 and node["lost_writes"] == 0, node
 
 
+def adhoc(module_args: str, *extra: str) -> dict:
+    """online_upgrade as an ad-hoc command on localhost; its result."""
+    done = subprocess.run(
+        [
+            ansible_playbook().replace("ansible-playbook", "ansible"),
+            "localhost",
+            "-m",
+            "pyvmm.maintenance.online_upgrade",
+            "-a",
+            module_args,
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env={**ANSIBLE_ENV, "ANSIBLE_COLLECTIONS_PATH": str(ROOT)},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    # The ad-hoc output: "localhost | CHANGED => {...result...}"
+    return json.loads(done.stdout.partition(" => ")[2])
+
+
 def test_check_mode_changes_nothing_and_a_second_run_reports_no_change(tmp_path, kernels):
     hosts = ["node1", "node2"]
     nodes = []
@@ -107,6 +131,23 @@ def test_check_mode_changes_nothing_and_a_second_run_reports_no_change(tmp_path,
         assert [n["outcome"] for n in report["nodes"].values()] == ["unchanged"] * 2
         for host in hosts:
             assert re.search(rf"^{host}\s+: ok=\d+\s+changed=0\s", done.stdout, re.M), done.stdout
+
+        # src: the controller copies the kernel to the node first (check mode: a staged
+        # copy is preflighted and the node's file is not written).
+        dest = tmp_path / "kernels" / "webkv-v1.elf"
+        dest.parent.mkdir()
+        args = f"control_socket={nodes[0].control} kernel={dest} src={kernels / 'webkv-v1.elf'}"
+        checked = adhoc(args, "--check")
+        assert checked["changed"] and checked["preflight"]["ready"], checked
+        assert (
+            checked["kernel_sha256"]
+            == hashlib.sha256((kernels / "webkv-v1.elf").read_bytes()).hexdigest()
+        )
+        assert not dest.exists() and shape()[0][-2][2] == v2
+        upgraded = adhoc(args)
+        assert upgraded["changed"] and upgraded["kernel_copied"], upgraded
+        assert upgraded["report"]["after"] == "v1"
+        assert dest.read_bytes() == (kernels / "webkv-v1.elf").read_bytes()
     finally:
         for node in nodes:
             node.__exit__()

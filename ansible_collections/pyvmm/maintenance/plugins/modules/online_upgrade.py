@@ -34,9 +34,16 @@ options:
   kernel:
     description:
       - Absolute path, on the node, of the PVH kernel image to upgrade to.
-      - Copy it there first (for example with M(ansible.builtin.copy)).
+      - Copy it there first (for example with M(ansible.builtin.copy)), or give O(src).
     type: path
     required: true
+  src:
+    description:
+      - A kernel image on the controller to copy to O(kernel) on the node first
+        (as M(ansible.builtin.copy) would, mode 0644; searched like its O(src)).
+      - In check mode the node's O(kernel) is left alone and the preflight reads a copy
+        staged in the task's temporary directory.
+    type: path
   cmdline:
     description:
       - Extra command-line words for the new kernel. The node adds its own (console,
@@ -69,6 +76,9 @@ options:
 requirements:
   - pyvmm installed in the node's Python
 attributes:
+  action:
+    support: full
+    description: An action plugin copies O(src) to the node first.
   check_mode:
     support: full
     description: Runs the node's preflight only.
@@ -97,6 +107,12 @@ EXAMPLES = r"""
     timeouts:
       acquire: 30
   register: upgrade
+
+- name: Copy the kernel from the controller and upgrade, in one task
+  pyvmm.maintenance.online_upgrade:
+    control_socket: /run/pyvmm/node.sock
+    src: build/webkv-v2.elf
+    kernel: /var/lib/pyvmm/webkv-v2.elf
 
 - name: Show how long the service moved for
   ansible.builtin.debug:
@@ -141,6 +157,10 @@ report:
     after: v2
     instance: b
     total_s: 0.21
+kernel_copied:
+  description: Whether O(src) was copied over a different O(kernel) (false in check mode).
+  returned: when src was given
+  type: bool
 rolled_back:
   description: The upgrade failed before its commit point and the old instance serves on.
   returned: when an upgrade ran
@@ -157,6 +177,7 @@ PHASE_TIMEOUTS = ("boot", "ready", "release", "acquire")
 ARGUMENT_SPEC = dict(
     control_socket=dict(type="path", required=True),
     kernel=dict(type="path", required=True),
+    src=dict(type="path"),
     cmdline=dict(type="str", default=""),
     timeouts=dict(
         type="dict",
@@ -168,6 +189,9 @@ ARGUMENT_SPEC = dict(
 
 def run(module):
     params = module.params
+    if params["src"] is not None:
+        # The action plugin takes src off before the module runs on the node.
+        module.fail_json(msg="src is copied by the controller: run this module through Ansible")
     kernel = params["kernel"]
     if not kernel.startswith("/"):
         module.fail_json(msg=f"kernel must be an absolute path on the node, not {kernel!r}")

@@ -69,7 +69,7 @@ class FakeNode:
     def _serve(self) -> None:
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _address = self._sock.accept()
             except OSError:
                 return
             with conn, conn.makefile("rb") as reader:
@@ -121,6 +121,7 @@ def run_module(
         env=env,
         timeout=60,
         cwd=tmp_path,
+        check=False,  # a failed task exits non-zero; its JSON result is what counts
     )
     try:
         return json.loads(done.stdout)
