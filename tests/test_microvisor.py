@@ -20,12 +20,19 @@ class Node:
     """A two-partition node whose consoles are captured, driven from a script thread."""
 
     def __init__(
-        self, kernels, first: str = "probe.elf", cmdline: str = "probe=spin", mem: int = 256 * MiB
+        self,
+        kernels,
+        first: str = "probe.elf",
+        cmdline: str = "probe=spin",
+        mem: int = 256 * MiB,
+        devices: Callable[[Machine], object] | None = None,  # attaches more devices
     ) -> None:
         self.kernels = kernels
         self.out = bytearray()
         self.lock = threading.Lock()
         self.machine = Machine(mem, partitions=2, console=self._write, console2=self._write)
+        if devices is not None:
+            devices(self.machine)
         self.mv = Microvisor(self.machine)
         self.mv.boot(str(kernels / first), f"console=ttyS0 {cmdline}")
 

@@ -252,6 +252,81 @@ def test_reset_drops_queued_requests_and_waits_for_the_running_one(blk, monkeypa
     assert data == b"\0" and len(calls) == 2
 
 
+class GatedIo:
+    """The back-end's reads and writes wait for the test: a request held in flight."""
+
+    def __init__(self, backend: b.VirtioBlk, monkeypatch) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        real = backend._io
+
+        def io(*args):
+            self.entered.set()
+            assert self.release.wait(TIMEOUT)
+            return real(*args)
+
+        monkeypatch.setattr(backend, "_io", io)
+
+
+def read_request(vq, sector: int) -> int:
+    return vq.post([header(b.VIRTIO_BLK_T_IN, sector), 4096, 1])
+
+
+def test_queue_ready_0_returns_once_the_request_in_progress_is_done(blk, disk, monkeypatch):
+    drv, vq = blk
+    gate = GatedIo(drv.backend, monkeypatch)
+    head = read_request(vq, 8)
+    read_request(vq, 16)  # queued behind it: never served
+    assert gate.entered.wait(TIMEOUT)
+    drv.wr(m.QUEUE_SEL, 0)
+    stopper = threading.Thread(target=drv.wr, args=(m.QUEUE_READY, 0))
+    stopper.start()
+    stopper.join(0.2)
+    assert stopper.is_alive()  # the driver may not reuse the buffers yet
+    gate.release.set()
+    stopper.join(TIMEOUT)
+    assert drv.rd(m.QUEUE_READY) == 0
+    # The request finished into its buffers before QueueReady=0 returned, and nothing
+    # moves in the queue's memory afterwards: not even its used ring.
+    (data_slot,) = vq.chains[head][1:2]
+    assert vq.mem.read(vq.buf(data_slot), 4096) == disk.read_bytes()[8 * 512 : 8 * 512 + 4096]
+    snapshot = vq.mem.read(0, vq.mem.size)
+    threading.Event().wait(0.2)
+    assert vq.mem.read(0, vq.mem.size) == snapshot
+    assert vq.used_idx() == 0 and drv.backend.requests == 1
+
+
+def test_quiesce_is_bounded_and_a_late_completion_reaches_no_new_ring(blk, monkeypatch):
+    drv, vq = blk
+    gate = GatedIo(drv.backend, monkeypatch)
+    read_request(vq, 0)
+    read_request(vq, 8)
+    assert gate.entered.wait(TIMEOUT)
+    assert not drv.transport.quiesce(0.1)  # I/O into guest RAM cannot be abandoned
+    assert drv.rd(m.STATUS) == 0
+    # A new driver session sets up new rings while the old request is still running
+    # (its reset gives up waiting after the back-end's bound).
+    monkeypatch.setattr(b, "RESET_TIMEOUT_S", 0.05)
+    started = []
+    starter = threading.Thread(target=lambda: started.append(drv.start()))
+    starter.start()
+    until_ready = threading.Event()
+    for _ in range(int(TIMEOUT / 0.01)):
+        if drv.transport.queues[0].ready:
+            until_ready.set()
+            break
+        threading.Event().wait(0.01)
+    assert until_ready.is_set()
+    gate.release.set()  # the old request ends now: its completion must go nowhere
+    starter.join(TIMEOUT)
+    ((new_vq,),) = started
+    assert drv.transport.quiesce(TIMEOUT)  # the straggler is done: nothing runs now
+    assert vq.used_idx() == 0 and new_vq.used_idx() == 0
+    assert drv.backend.requests == 1  # the request queued behind it was never taken
+    (new_vq,) = drv.start()
+    _, length, data = request(new_vq, [header(b.VIRTIO_BLK_T_GET_ID), 20, 1])
+    assert status_of(data, length) == b.VIRTIO_BLK_S_OK
+
+
 def test_notifications_from_a_poller_thread(blk, disk):
     drv, vq = blk
     heads = [vq.post([header(b.VIRTIO_BLK_T_IN, i), 512, 1], kick=False) for i in range(32)]

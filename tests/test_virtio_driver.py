@@ -160,12 +160,20 @@ class DriverQueue:
 class GuestDriver:
     """Drives a transport through its registers the way a virtio-mmio driver does."""
 
-    def __init__(self, backend: VirtioBackend, mem: GuestMemory | None = None) -> None:
+    def __init__(
+        self,
+        backend: VirtioBackend,
+        mem: GuestMemory | None = None,
+        transport: m.VirtioMmioTransport | None = None,
+        arena: int = ARENA,
+    ) -> None:
+        """Over a transport of its own, or over ``transport`` (a machine's device, whose
+        interrupts then go where the machine sends them), allocating from ``arena``."""
         self.mem = mem or GuestMemory(MEM_SIZE)
         self.irq = FakeIrq()
-        self.transport = m.VirtioMmioTransport(self.mem, backend, self.irq, "test")
+        self.transport = transport or m.VirtioMmioTransport(self.mem, backend, self.irq, "test")
         self.backend = backend
-        self._next = ARENA
+        self._next = arena
         self.queues: list[DriverQueue] = []
 
     def alloc(self, size: int, align: int) -> int:

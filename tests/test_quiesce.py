@@ -1,0 +1,144 @@
+"""A retired instance's devices are quiesced before its partition is reused: block
+requests it had in flight finish (with a bound) and nothing is written into its
+partition after ``stop`` returns. The vsock side (streams handed back, also on a
+rollback) is in test_virtio_vsock.py and test_upgrade.py."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+
+import pytest
+from test_microvisor import Node
+from test_virtio_blk import header
+from test_virtio_driver import GuestDriver, no_backend_crash  # noqa: F401
+
+from pyvmm.devices.virtio import blk as b
+from pyvmm.devices.virtio import mmio as m
+from pyvmm.microvisor import MicrovisorError
+from pyvmm.microvisor import microvisor as mv_module
+
+pytestmark = pytest.mark.kvm
+MiB = 1 << 20
+REQUESTS = 48
+
+
+class SlowDisk:
+    """Wraps a back-end's I/O: each read or write takes ``delay`` (or waits for
+    ``gate``), and the test can see whether one is running."""
+
+    def __init__(self, backend: b.VirtioBlk, monkeypatch, delay: float = 0.0) -> None:
+        self.running = 0
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        if delay:
+            self.gate.set()
+        real = backend._io
+
+        def io(*args):
+            self.running += 1
+            self.started.set()
+            try:
+                assert self.gate.wait(10)
+                time.sleep(delay)
+                return real(*args)
+            finally:
+                self.running -= 1
+
+        monkeypatch.setattr(backend, "_io", io)
+
+
+@pytest.fixture
+def disk(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(4 * MiB))
+    return path
+
+
+def node_with_disk(kernels, disk) -> tuple[Node, b.VirtioBlk]:
+    backend = b.VirtioBlk(str(disk))
+    node = Node(kernels, devices=lambda m: m.attach_virtio("blk1", backend, partition=1))
+    return node, backend
+
+
+def drive_as_b(node: Node, backend: b.VirtioBlk):
+    """Play instance b's virtio-blk driver: rings and buffers in b's partition, set up
+    through the device's registers (as b's kernel would through its MMIO window)."""
+    partition = node.machine.memory.partitions[1]
+    transport = node.machine.devices["blk1"].device
+    drv = GuestDriver(backend, node.machine.memory, transport, arena=partition.base + 64 * MiB)
+    (vq,) = drv.start()
+    return drv, vq, partition
+
+
+def digest(node: Node, partition) -> str:
+    return hashlib.sha256(node.machine.memory.read(partition.base, partition.size)).hexdigest()
+
+
+def test_stop_with_block_requests_in_flight_writes_nothing_afterwards(kernels, disk, monkeypatch):
+    node, backend = node_with_disk(kernels, disk)
+    slow = SlowDisk(backend, monkeypatch, delay=0.01)
+    seen: dict[str, object] = {}
+
+    def script(n: Node) -> None:
+        n.mv.virtualize()
+        n.mv.start(n.kernel("probe.elf"), "probe=spin", name="b")
+        drv, vq, partition = drive_as_b(n, backend)
+        for k in range(REQUESTS):
+            vq.post([header(b.VIRTIO_BLK_T_IN, 8 * k), 4096, 1], kick=False)
+        vq.kick()
+        assert slow.started.wait(10)
+        n.mv.stop("b")
+        # When stop returns, the request that was running has finished, nothing else
+        # runs, and b's partition no longer changes.
+        seen["running"] = slow.running
+        seen["served"] = backend.requests
+        seen["status"] = drv.rd(m.STATUS)
+        before = digest(n, partition)
+        time.sleep(0.3)  # ~30 more requests' worth at the disk's pace
+        seen["changed"] = digest(n, partition) != before
+        seen["served_after"] = backend.requests
+        n.mv.devirtualize()
+
+    try:
+        node.run_with(script)
+    finally:
+        node.machine.close()
+    assert seen["running"] == 0
+    assert 0 < seen["served"] < REQUESTS  # work was still queued when b was stopped
+    assert seen["served_after"] == seen["served"]
+    assert seen["status"] == 0  # the device was reset
+    assert not seen["changed"]
+
+
+def test_a_partition_is_not_reused_while_io_into_it_runs(kernels, disk, monkeypatch):
+    node, backend = node_with_disk(kernels, disk)
+    slow = SlowDisk(backend, monkeypatch)  # the gate holds one read in flight
+    monkeypatch.setattr(mv_module, "QUIESCE_TIMEOUT_S", 0.2)
+    seen: dict[str, object] = {}
+
+    def script(n: Node) -> None:
+        n.mv.virtualize()
+        n.mv.start(n.kernel("probe.elf"), "probe=spin", name="b")
+        _, vq, _ = drive_as_b(n, backend)
+        vq.post([header(b.VIRTIO_BLK_T_IN, 0), 4096, 1])
+        assert slow.started.wait(10)
+        started = time.monotonic()
+        n.mv.stop("b")  # gives up waiting after the bound; b is retired all the same
+        seen["stop_s"] = time.monotonic() - started
+        with pytest.raises(MicrovisorError, match="cannot be reused yet: blk1"):
+            n.mv.start(n.kernel("probe.elf"), "probe=spin", name="c")
+        slow.gate.set()  # the read ends, into b's old partition, which nobody uses yet
+        c = n.mv.start(n.kernel("probe.elf"), "probe=spin", name="c")
+        seen["partition"] = c.partition.index
+        n.mv.stop("c")
+        n.mv.devirtualize()
+
+    try:
+        node.run_with(script)
+    finally:
+        node.machine.close()
+    assert 0.15 < seen["stop_s"] < 2.0
+    assert seen["partition"] == 1
