@@ -26,7 +26,6 @@ from .boot import BootResult, EntryState, load_kernel
 from .boot.cpu import SegmentState
 from .boot.image_cache import parse_kernel_cached
 from .console import Console
-from .cpu_state import CpuState, StateSwitcher
 from .devices.bus import Device, MmioBus, PortIoBus
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from .devices.uart import COM1, COM1_IRQ, COM2, COM2_IRQ, UART_PORTS, Uart16550
@@ -76,6 +75,7 @@ class Attachment(Record):
     mmio: tuple[tuple[int, int], ...] = ()  # (base, size) on the MMIO bus
     irqs: tuple[IrqLine | IrqfdLine, ...] = ()
     per_instance: bool = False  # every instance has its own view (the debug-exit "power switch")
+    partition: int | None = None  # the memory partition it is wired to (None: any)
 
 
 # virtio-mmio windows: 4 KiB each from here, interrupts on IOAPIC pins from 5 up.
@@ -88,8 +88,6 @@ VIRTIO_QUEUE_NOTIFY = 0x050
 # string instruction): see Machine._complete_exit.
 _COMPLETED_AT_NEXT_RUN = (n.KVM_EXIT_IO, n.KVM_EXIT_MMIO)
 
-# What machine.run returns when asked to hand the vCPU back to its caller.
-HANDOVER = "handover"
 
 
 class Machine:
@@ -124,15 +122,10 @@ class Machine:
         self.vcpu.set_cpuid2(self.kvm.supported_cpuid())
         self.tsc_khz = self.vcpu.tsc_khz()
 
-        # The vCPU as created, before any guest: what a newly started instance begins
-        # from. Only a node with a spare partition will start one; a plain boot skips it.
-        self.pristine = self._capture_pristine() if partitions > 1 else None
-
         self.pio = PortIoBus()
         self.mmio = MmioBus()
         self.devices: dict[str, Attachment] = {}
         self.virtio: dict[str, tuple[int, int]] = {}  # name → (window base, GSI)
-        self.virtio_partition: dict[str, int | None] = {}  # None: shown to every partition
         self._notify_poller: NotifyPoller | None = None
         com1_irq, com2_irq = IrqLine(self.vm, COM1_IRQ), IrqLine(self.vm, COM2_IRQ)
         self.consoles = {"com1": Console(console), "com2": Console(console2)}
@@ -169,11 +162,13 @@ class Machine:
         mmio: tuple[tuple[int, int], ...] = (),
         irqs: tuple[IrqLine | IrqfdLine, ...] = (),
         per_instance: bool = False,
+        partition: int | None = None,
     ) -> Attachment:
-        """Install a device on the node's buses under a unique name."""
+        """Install a device on the node's buses under a unique name (``partition``: the
+        memory partition whose OS it is wired to, None for any)."""
         if name in self.devices:
             raise ValueError(f"a device named {name!r} is already attached")
-        attachment = Attachment(name, device, ports, mmio, irqs, per_instance)
+        attachment = Attachment(name, device, ports, mmio, irqs, per_instance, partition)
         for base, size in ports:
             self.pio.register(base, size, device)
         for base, size in mmio:
@@ -204,19 +199,13 @@ class Machine:
         for queue in range(len(transport.queues)):
             self._notify_poller.add(self.vm, base + VIRTIO_QUEUE_NOTIFY, queue, transport.notify)
         self.virtio[name] = (base, gsi)
-        self.virtio_partition[name] = partition
-        return self.attach(name, transport, mmio=((base, VIRTIO_WINDOW),), irqs=(line,))
+        window = ((base, VIRTIO_WINDOW),)
+        return self.attach(name, transport, mmio=window, irqs=(line,), partition=partition)
 
     def virtio_cmdline(self, names: list[str] | None = None) -> str:
         """``virtio_mmio.device=`` entries announcing devices to a guest (all by default)."""
         chosen = self.virtio if names is None else {n: self.virtio[n] for n in names}
         return " ".join(f"virtio_mmio.device=4K@{base:#x}:{gsi}" for base, gsi in chosen.values())
-
-    def _capture_pristine(self) -> CpuState:
-        self.switcher = StateSwitcher(self.vm, self.vcpu, self.kvm.msr_index_list())
-        state = CpuState()
-        self.switcher.save(state)
-        return state
 
     # --- boot ------------------------------------------------------------------------
 
@@ -240,15 +229,9 @@ class Machine:
         full = f"{with_tsc_khz(cmdline, self.tsc_khz)} {devices}".strip()
         return load_kernel(writer, image, full)
 
-    def partition_devices(self, partition: int) -> list[str]:
-        """The devices that belong to one partition: its console and the virtio
-        devices attached for it alone."""
-        own = [n for n, p in self.virtio_partition.items() if p == partition]
-        return [f"com{partition + 1}", *own]
-
     def virtio_for_partition(self, partition: int) -> list[str]:
         """The devices a partition's kernel is told about: its own and the shared ones."""
-        return [name for name, p in self.virtio_partition.items() if p in (None, partition)]
+        return [name for name in self.virtio if self.devices[name].partition in (None, partition)]
 
     # --- running ---------------------------------------------------------------------
 
@@ -324,10 +307,11 @@ class Machine:
             posted.popleft()()
         self._check_deadline()
 
-    def hand_over(self) -> None:
-        """Make ``run`` return (with reason HANDOVER) at the next kick; vCPU thread only."""
+    def end_run(self, result: RunResult) -> None:
+        """Make ``run`` return ``result`` at the next kick, unless the run has ended
+        otherwise meanwhile (a guest's own exit wins); vCPU thread only."""
         if self._result is None:
-            self._result = RunResult(HANDOVER, 0)
+            self._result = result
 
     def _check_deadline(self) -> None:
         if self._deadline is not None and time.monotonic() >= self._deadline:

@@ -185,8 +185,8 @@ def test_device_interrupts_go_only_to_their_owner(kernels):
 
 def test_after_devirtualize_the_hot_path_is_the_plain_one(kernels):
     workload = "run=alu,portio n_alu=100000000 n_portio=3000"
-    plain_result, _ = plain_run(kernels, workload)
-    machine, mv, _ = armed(kernels, "bench.elf", workload)
+    plain_result, plain_console = plain_run(kernels, workload)
+    machine, mv, console = armed(kernels, "bench.elf", workload)
     node_pio, node_mmio = machine.pio, machine.mmio
     checked: list[bool] = []
 
@@ -210,5 +210,6 @@ def test_after_devirtualize_the_hot_path_is_the_plain_one(kernels):
         driver.join(10)
     assert result.status == 0
     assert checked == [True]
-    # Kicks are not exits: the guest made exactly the exits of a plain boot.
-    assert result.exits == plain_result.exits
+    # Kicks are not exits: the guest made exactly the exits of a plain boot, but for
+    # its console bytes (one exit each): the cycle counts it prints vary in length.
+    assert result.exits - len(console.data) == plain_result.exits - len(plain_console.data)

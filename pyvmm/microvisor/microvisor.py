@@ -25,13 +25,13 @@ from typing import TypeVar
 
 from ioctl import numbers as n
 
-from ..cpu_state import copy_state
-from ..machine import HANDOVER, Machine, RunResult, apply_entry_state
+from ..cpu_state import CpuState, StateSwitcher, copy_state
+from ..machine import Machine, RunResult, apply_entry_state
 from ..memory import Partition
 from .instance import RETIRED, OsInstance
 from .interrupts import IrqRouter
 from .isolation import SYMMETRIC, PartitionSlots
-from .ownership import build_views
+from .ownership import build_views, partition_devices
 from .timers import Alarm, interrupt_pending, timer_due_in
 
 DEVIRTUALIZED = "devirtualized"
@@ -39,6 +39,8 @@ VIRTUALIZED = "virtualized"
 DEFAULT_SLICE_S = 0.010
 MIN_SLICE_S = 0.001  # an instance keeps the vCPU at least this long before preemption
 REQUEST_TIMEOUT_S = 10.0
+# The reason Machine.run returns with when the microvisor takes the vCPU back.
+HANDOVER = "handover"
 # How long retiring an instance waits for its devices' work already submitted (a
 # block request moving data into its partition); see _quiesce.
 QUIESCE_TIMEOUT_S = 2.0
@@ -100,8 +102,10 @@ class Microvisor:
     def __init__(
         self, machine: Machine, slice_s: float = DEFAULT_SLICE_S, isolation: str = SYMMETRIC
     ) -> None:
-        if len(machine.memory.partitions) < 2 or machine.pristine is None:
+        if len(machine.memory.partitions) < 2:
             raise MicrovisorError("the node needs two partitions to run a second instance")
+        if machine.exit_count:
+            raise MicrovisorError("arm the microvisor before the node's vCPU first runs")
         self.machine = machine
         self.slice_s = slice_s
         self.mode = DEVIRTUALIZED
@@ -122,6 +126,11 @@ class Microvisor:
         self.last_upgrade: dict[str, object] | None = None
         # Guest RAM the running instance can reach: its own partition (isolation.py).
         self.slots = PartitionSlots(machine.vm, machine.memory, isolation)
+        # The world switch's state mover, and the vCPU as created, before any guest:
+        # what a newly started instance begins from.
+        self.switcher = StateSwitcher(machine.vm, machine.vcpu, machine.kvm.msr_index_list())
+        self.pristine = CpuState()
+        self.switcher.save(self.pristine)
         self.gate = OperationGate()
         # An instance an upgrade could not retire (it is paused, serving nothing):
         # devirtualize stops it first.
@@ -141,10 +150,10 @@ class Microvisor:
         self.machine.boot(kernel, cmdline, partition=0)
         partition = self.machine.memory.partitions[0]
         self.slots.enter(partition, [partition])  # the spare partition is not the guest's
-        instance = OsInstance(name, partition, copy_state(self.machine.pristine))
+        instance = OsInstance(name, partition, copy_state(self.pristine))
         instance.record_image(kernel, cmdline)
         partitions = self.machine.memory.partitions[1:]
-        others = {d for p in partitions for d in self.machine.partition_devices(p.index)}
+        others = {d for p in partitions for d in partition_devices(self.machine, p.index)}
         for device, attachment in self.machine.devices.items():
             if not attachment.per_instance and device not in others:
                 self._give(device, instance)
@@ -242,12 +251,12 @@ class Microvisor:
         cmdline = with_console(cmdline, partition.index)
         self.machine.memory.discard(partition.base, partition.size)  # no leftovers
         booted = self.machine.load(kernel, cmdline, partition.index)
-        cpu = copy_state(self.machine.pristine)
+        cpu = copy_state(self.pristine)
         apply_entry_state(cpu.regs, cpu.sregs, booted.entry)
         instance = OsInstance(name, partition, cpu)
         instance.record_image(kernel, cmdline)
         # Its own devices (console, and e.g. its vsock and disk front-end) from the start.
-        own = self.machine.partition_devices(partition.index)
+        own = partition_devices(self.machine, partition.index)
         wanted = {*own, *devices} & set(self.machine.devices)
         return self._on_vcpu(lambda: self._add(instance, wanted))
 
@@ -342,7 +351,7 @@ class Microvisor:
         self.machine.pio, self.machine.mmio = self.current.pio, self.current.mmio
         self.mode = VIRTUALIZED
         self._slice_started = time.monotonic()
-        self.machine.hand_over()
+        self._hand_over()
 
     def _devirtualize(self) -> None:
         if self.mode != VIRTUALIZED:
@@ -374,7 +383,7 @@ class Microvisor:
             # A labelled console keeps whole lines: its partial line waits for the rest.
         self.mode = DEVIRTUALIZED
         self.virtualized_reason = None
-        self.machine.hand_over()
+        self._hand_over()
 
     def _add(self, instance: OsInstance, devices: set[str]) -> OsInstance:
         # The commit: re-checked here, on the vCPU thread, where instances change.
@@ -394,7 +403,7 @@ class Microvisor:
             shared.line_mode = True
         self._build_views(instance)
         self._assign_lines()
-        self.machine.hand_over()  # let the scheduler consider the newcomer now
+        self._hand_over()  # let the scheduler consider the newcomer now
         return instance
 
     def _stop(self, name: str) -> None:
@@ -405,7 +414,7 @@ class Microvisor:
         if len(self.live()) == 1:
             raise MicrovisorError(f"{name!r} is the only instance; it cannot be stopped")
         self._retire(instance, RunResult("stopped", 0, "stopped by request"))
-        self.machine.hand_over()
+        self._hand_over()
 
     def _set_paused(self, name: str, paused: bool) -> None:
         instance = self.instances.get(name)
@@ -416,7 +425,7 @@ class Microvisor:
         if paused and not any(i is not instance and not i.paused for i in self.live()):
             raise MicrovisorError(f"{name!r} is the only instance left to run")
         instance.paused = paused
-        self.machine.hand_over()  # reschedule now
+        self._hand_over()  # reschedule now
 
     def _move(self, device: str, to: str) -> None:
         if device not in self.machine.devices or self.machine.devices[device].per_instance:
@@ -559,8 +568,13 @@ class Microvisor:
         if wakes:
             self._alarm.set(min(wakes), self._preempt)
 
+    def _hand_over(self) -> None:
+        """Make the machine's run loop return to ``run`` at the next kick (to switch,
+        or change mode); vCPU thread only."""
+        self.machine.end_run(RunResult(HANDOVER, 0))
+
     def _preempt(self) -> None:
-        self.machine.call_on_vcpu(self.machine.hand_over)
+        self.machine.call_on_vcpu(self._hand_over)
 
     def _wake(self, instance: OsInstance) -> None:
         """A held interrupt arrived for ``instance`` (any thread): give it the vCPU soon."""
@@ -578,7 +592,7 @@ class Microvisor:
         machine = self.machine
         previous = self.current
         if previous is not None and previous.live:
-            machine.switcher.save(previous.cpu)
+            self.switcher.save(previous.cpu)
             previous.halted = (
                 previous.cpu.mp_state == n.KVM_MP_STATE_HALTED
                 and not interrupt_pending(previous.cpu)
@@ -596,7 +610,7 @@ class Microvisor:
             due = timer_due_in(previous.cpu, machine.tsc_khz) if previous.halted else None
             previous.wake_at = None if due is None else time.monotonic() + due
         self.slots.enter(to.partition, [i.partition for i in self.live()])
-        machine.switcher.restore(to.cpu)
+        self.switcher.restore(to.cpu)
         machine.pio, machine.mmio = to.pio, to.mmio
         self.current = to
         self.router.switched_in(to)

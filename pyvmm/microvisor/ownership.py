@@ -11,8 +11,15 @@ most ten lines a second per instance (``RefusalLog``).
 from __future__ import annotations
 
 from ..devices.bus import Bus
-from ..machine import Attachment
+from ..machine import Attachment, Machine
 from .instance import OsInstance
+
+
+def partition_devices(machine: Machine, partition: int) -> list[str]:
+    """The devices that belong to one partition's instance: its console (COMn+1) and
+    the virtio devices attached for that partition alone."""
+    own = [n for n in machine.virtio if machine.devices[n].partition == partition]
+    return [f"com{partition + 1}", *own]
 
 
 def build_views(
