@@ -1,24 +1,30 @@
 """A retired instance's devices are quiesced before its partition is reused: block
 requests it had in flight finish (with a bound) and nothing is written into its
-partition after ``stop`` returns. The vsock side (streams handed back, also on a
-rollback) is in test_virtio_vsock.py and test_upgrade.py."""
+partition after ``stop`` returns; a rollback after the new instance took the clients
+hands every connection back. The vsock device alone: test_virtio_vsock.py."""
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import threading
 import time
 
 import pytest
+from kvload import KvLoad
 from test_microvisor import Node
+from test_upgrade import free_port, status_on
 from test_virtio_blk import header
 from test_virtio_driver import GuestDriver, no_backend_crash  # noqa: F401
 
 from pyvmm.devices.virtio import blk as b
 from pyvmm.devices.virtio import mmio as m
+from pyvmm.devices.virtio.vsock_conn import ESTABLISHED
 from pyvmm.microvisor import MicrovisorError
 from pyvmm.microvisor import microvisor as mv_module
+from pyvmm.microvisor.maintenance import Upgrade, UpgradeFailed
+from pyvmm.node import Forward, ServiceDevices, add_service_devices
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -142,3 +148,65 @@ def test_a_partition_is_not_reused_while_io_into_it_runs(kernels, disk, monkeypa
         node.machine.close()
     assert 0.15 < seen["stop_s"] < 2.0
     assert seen["partition"] == 1
+
+
+class LateRollback(Upgrade):
+    """An upgrade whose new instance serves for ``serve_s`` after it acquired, and is
+    rolled back all the same (as when its answer comes after the time-out): by then
+    it has taken the clients' connections and answered some of their requests."""
+
+    serve_s = 0.3
+
+    def _acquire(self) -> None:
+        super()._acquire()
+        time.sleep(self.serve_s)
+        vsock = self.services.vsocks[self.b.partition.index]
+        with vsock._lock:
+            self.b_answered = sum(
+                c.state == ESTABLISHED and c.rx_cnt > 0 for c in vsock._conns.values()
+            )
+        raise UpgradeFailed("acquire", "rolled back by the test after the new instance served")
+
+
+def test_a_rollback_after_the_new_instance_took_the_clients_closes_none(kernels, tmp_path):
+    disk = tmp_path / "kv.img"
+    with open(disk, "wb") as f:
+        f.truncate(32 << 20)
+    port = free_port()
+    services: list[ServiceDevices] = []
+
+    def service_devices(machine) -> None:
+        forwards = (Forward("127.0.0.1", port, 80),)
+        services.append(add_service_devices(machine, str(disk), forwards))
+
+    node = Node(kernels, "webkv-v1.elf", "", mem=512 * MiB, devices=service_devices)
+    seen: dict[str, object] = {}
+
+    def script(n: Node) -> None:
+        n.wait_for(r"webkv: ready", 30)
+        idle = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        assert status_on(idle)["version"] == "v1"
+        load = KvLoad(port, clients=4).start()
+        load.wait_started()
+        time.sleep(0.3)
+        upgrade = LateRollback(n.mv, services[0], str(n.kernels / "webkv-v2.elf"))
+        seen["result"] = upgrade.run()
+        seen["b_answered"] = upgrade.b_answered
+        time.sleep(0.3)
+        load.stop()
+        seen["failures"], seen["reconnects"] = load.failures, load.reconnects
+        seen["writes"], seen["lost"] = load.writes, load.lost_writes()
+        seen["idle"] = status_on(idle)  # the idle keep-alive connection, on A again
+
+    try:
+        node.run_with(script, timeout=120)
+    finally:
+        services[0].close()
+        node.machine.close()
+    result = seen["result"]
+    assert result["outcome"] == "rolled_back" and result["invariant"] == [], result
+    assert seen["b_answered"] > 0  # b had taken clients and answered them
+    assert seen["failures"] == [] and seen["reconnects"] == 0
+    assert seen["writes"] > 0 and seen["lost"] == []
+    idle = seen["idle"]
+    assert (idle["version"], idle["role"]) == ("v1", "primary")
