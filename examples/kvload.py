@@ -32,16 +32,25 @@ class KvLoad:
     server's doing. Results are collected when ``stop`` returns."""
 
     def __init__(
-        self, port: int, clients: int = 8, host: str = "127.0.0.1", rate: float = 0.0
+        self,
+        port: int,
+        clients: int = 8,
+        host: str = "127.0.0.1",
+        rate: float = 0.0,
+        prefix: str = "load",
     ) -> None:
         """``rate``: requests per second per client (0: each client sends its next
-        request as soon as it has the answer, which keeps the server saturated)."""
+        request as soon as it has the answer, which keeps the server saturated);
+        ``prefix``: of the keys (runs against one disk need keys of their own)."""
         self.host, self.port = host, port
         self.acked: dict[str, bytes] = {}  # key → its latest acknowledged value
         self.deleted: set[str] = set()  # keys whose DELETE was acknowledged last
         self.failures: list[str] = []
         self.samples: list[Sample] = []
         self.reconnects = 0
+        # Every write attempted: (key, "PUT"/"DELETE", value or None, sent, acknowledged
+        # or None), on CLOCK_MONOTONIC: what a power cut at a given moment must keep.
+        self.history: list[tuple[str, str, bytes | None, float, float | None]] = []
         context = multiprocessing.get_context("spawn")  # no inherited threads or locks
         self._stop = context.Event()
         self._started = context.Semaphore(0)
@@ -49,7 +58,7 @@ class KvLoad:
         self._processes = [
             context.Process(
                 target=run_client,
-                args=(host, port, i, self._stop, sender, rate, self._started),
+                args=(host, port, i, self._stop, sender, rate, self._started, prefix),
                 daemon=True,
             )
             for i, (_, sender) in enumerate(self._pipes)
@@ -75,7 +84,8 @@ class KvLoad:
                 self.failures.append(f"client process {process.pid} sent no results")
                 process.kill()
                 continue
-            samples, acked, deleted, failures, reconnects = receiver.recv()
+            samples, acked, deleted, failures, reconnects, history = receiver.recv()
+            self.history += history
             self.samples += [Sample(*sample) for sample in samples]
             self.acked.update(acked)  # each client has keys of its own
             self.deleted |= deleted
@@ -135,7 +145,14 @@ def _send(conn, method: str, path: str, body: bytes | None) -> tuple[int, bytes]
 
 
 def run_client(
-    host: str, port: int, index: int, stop, results, rate: float = 0.0, started=None
+    host: str,
+    port: int,
+    index: int,
+    stop,
+    results,
+    rate: float = 0.0,
+    started=None,
+    prefix: str = "load",
 ) -> None:
     """One client's loop (in its own process): PUT a unique key, GET it back; every
     4th round also overwrites the previous round's key, every 6th deletes the key of
@@ -144,6 +161,7 @@ def run_client(
     samples: list[tuple[str, float, float]] = []
     acked: dict[str, bytes] = {}
     deleted: set[str] = set()
+    history: list[list] = []
     failures: list[str] = []
     reconnects = 0
     conn = _connect(host, port)
@@ -156,41 +174,47 @@ def run_client(
         if interval:
             next_round = max(next_round + interval, time.monotonic() - interval)
             time.sleep(max(0.0, next_round - time.monotonic()))
-        key, value = f"load{index}-{n}", f"value-{index}-{n}-{time.time_ns()}".encode()
+        key, value = f"{prefix}{index}-{n}", f"value-{index}-{n}-{time.time_ns()}".encode()
         n += 1
         try:
             started = time.monotonic()
+            history.append(attempt := [key, "PUT", value, started, None])
             status, _ = _send(conn, "PUT", f"/kv/{key}", value)
             samples.append(("PUT", started, time.monotonic()))
             if status not in (200, 201, 204):
                 failures.append(f"PUT {key}: HTTP {status}")
                 continue
+            attempt[4] = time.monotonic()
             acked[key] = value
             started = time.monotonic()
             status, body = _send(conn, "GET", f"/kv/{key}", None)
             samples.append(("GET", started, time.monotonic()))
             if (status, body) != (200, value):
                 failures.append(f"GET {key}: HTTP {status} {body[:40]!r}")
-            if n % 4 == 0 and f"load{index}-{n - 2}" in acked:
-                key = f"load{index}-{n - 2}"
+            if n % 4 == 0 and f"{prefix}{index}-{n - 2}" in acked:
+                key = f"{prefix}{index}-{n - 2}"
                 value = f"again-{index}-{n}-{time.time_ns()}".encode()
                 acked.pop(key)  # unknown until acknowledged
                 started = time.monotonic()
+                history.append(attempt := [key, "PUT", value, started, None])
                 status, _ = _send(conn, "PUT", f"/kv/{key}", value)
                 samples.append(("PUT", started, time.monotonic()))
                 if status not in (200, 201, 204):
                     failures.append(f"PUT {key} again: HTTP {status}")
                     continue
+                attempt[4] = time.monotonic()
                 acked[key] = value
-            if n % 6 == 0 and f"load{index}-{n - 3}" in acked:
-                key = f"load{index}-{n - 3}"
+            if n % 6 == 0 and f"{prefix}{index}-{n - 3}" in acked:
+                key = f"{prefix}{index}-{n - 3}"
                 acked.pop(key)
                 started = time.monotonic()
+                history.append(attempt := [key, "DELETE", None, started, None])
                 status, _ = _send(conn, "DELETE", f"/kv/{key}", None)
                 samples.append(("DELETE", started, time.monotonic()))
                 if status not in (200, 204):
                     failures.append(f"DELETE {key}: HTTP {status}")
                     continue
+                attempt[4] = time.monotonic()
                 deleted.add(key)
         except Exception as exc:
             failures.append(f"client {index}: {exc!r}")
@@ -199,7 +223,7 @@ def run_client(
             conn = _connect(host, port)
             reconnects += 1
     conn.close()
-    results.send((samples, acked, deleted, failures, reconnects))
+    results.send((samples, acked, deleted, failures, reconnects, [tuple(h) for h in history]))
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -41,13 +42,19 @@ def pyvmm(*args: str) -> list[str]:
 class Node:
     """An armed pyvmm node running webkv-v1, for the life of a `with` block."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(
+        self, workdir: str, disk: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        """A blank 64 MiB disk in ``workdir``, or ``disk`` as it is (a node booted on
+        the image another one left); ``env``: more environment for the node."""
         self.control = f"{workdir}/node.sock"
         self.port = free_port()
-        self.disk = disk = Path(workdir) / "kv.img"
-        with open(disk, "wb") as f:
-            f.truncate(64 << 20)
-        self.log = open(Path(workdir) / "console.log", "wb")  # noqa: SIM115
+        if disk is None:
+            disk = Path(workdir) / "kv.img"
+            with open(disk, "wb") as f:
+                f.truncate(64 << 20)
+        self.disk = disk
+        self.log = open(Path(workdir) / "console.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             pyvmm(
                 "boot",
@@ -61,6 +68,7 @@ class Node:
             ),
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         self._wait_ready()
 

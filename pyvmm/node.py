@@ -10,6 +10,8 @@ disk before it owns it. Forwarded ports start on ``vsock0``.
 
 from __future__ import annotations
 
+import os
+
 from .errors import UsageError
 from .machine import Machine
 from .record import Record
@@ -18,8 +20,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .devices.virtio import HostListener, VirtioBlk, VirtioVsock
     from .devices.virtio.blk import WriteLease
+    from .devices.virtio.blk_journal import WriteJournal
 
 FIRST_GUEST_CID = 3
+# Set to a path: the disk's writes and flushes are recorded there (blk_journal.py), so
+# a checker can rebuild the image as a power cut at any moment would leave it.
+DISK_JOURNAL_ENV = "PYVMM_DISK_JOURNAL"
 
 
 class Forward(Record, frozen=True):
@@ -52,6 +58,7 @@ class ServiceDevices:
         self.disks: list[VirtioBlk] = []  # front-ends of the one disk, by partition
         self.lease: WriteLease | None = None  # which of them may write
         self.listeners: list[HostListener] = []  # on vsock0 at first
+        self.journal: WriteJournal | None = None
 
     def disk_writer(self) -> int | None:
         """The partition whose front-end may write the disk."""
@@ -66,6 +73,8 @@ class ServiceDevices:
     def close(self) -> None:
         for listener in self.listeners:
             listener.close()
+        if self.journal is not None:
+            self.journal.close()
 
 
 def add_service_devices(
@@ -81,9 +90,14 @@ def add_service_devices(
         devices.vsocks.append(vsock)
     if disk is not None:
         devices.lease = lease = WriteLease()
+        journal = None
+        if os.environ.get(DISK_JOURNAL_ENV):  # power-cut checks (blk_journal.py)
+            from .devices.virtio.blk_journal import WriteJournal
+
+            journal = devices.journal = WriteJournal(os.environ[DISK_JOURNAL_ENV])
         for partition in machine.memory.partitions:
             try:
-                backend = VirtioBlk(disk, lease=lease)
+                backend = VirtioBlk(disk, lease=lease, journal=journal)
             except OSError as exc:
                 raise UsageError(f"--disk {disk}: {exc.strerror or exc}") from None
             machine.attach_virtio(f"blk{partition.index}", backend, partition.index)

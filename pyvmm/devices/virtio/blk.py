@@ -32,6 +32,7 @@ from .queue import Chain, gather, scatter, slice_views
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from .blk_journal import WriteJournal
     from .mmio import VirtioMmioTransport
 
 VIRTIO_ID_BLOCK = 2
@@ -77,8 +78,10 @@ class VirtioBlk(VirtioBackend):
         serial: str | None = None,
         queue_size: int = QUEUE_SIZE,
         lease: WriteLease | None = None,
+        journal: WriteJournal | None = None,
     ) -> None:
         super().__init__()
+        self.journal = journal  # records writes and flushes (power-cut checks)
         self.path = path
         self.read_only = read_only
         self.lease = lease
@@ -231,6 +234,7 @@ class VirtioBlk(VirtioBackend):
     def _io(self, sector: int, views: list[memoryview], write: bool) -> int:
         offset = sector * SECTOR
         io = os.pwritev if write else os.preadv
+        recorded = b"".join(views) if write and self.journal is not None else None
         try:
             while views:
                 done = io(self._fd, views[:_IOV_MAX], offset)
@@ -241,16 +245,21 @@ class VirtioBlk(VirtioBackend):
         except OSError as exc:
             log(ERROR, "virtio-blk %s: I/O error at sector %d: %s", self.path, sector, exc)
             return VIRTIO_BLK_S_IOERR
+        if recorded is not None:
+            self.journal.write(sector * SECTOR, recorded)
         return VIRTIO_BLK_S_OK
 
     def _flush(self) -> int:
         if self.fail_io:
             return VIRTIO_BLK_S_IOERR
+        covers = None if self.journal is None else self.journal.flush_issued()
         try:
             os.fsync(self._fd)
         except OSError as exc:
             log(ERROR, "virtio-blk %s: flush failed: %s", self.path, exc)
             return VIRTIO_BLK_S_IOERR
+        if covers is not None:
+            self.journal.flushed(covers)
         return VIRTIO_BLK_S_OK
 
 
