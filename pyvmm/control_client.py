@@ -78,6 +78,12 @@ def request(
             raise ControlError(f"talking to the node at {path}: {exc.strerror or exc}") from None
 
 
+def reply_timeout(phase_timeouts: dict[str, float] | None) -> float:
+    """How long a client waits for the next line of an upgrade with these phase
+    time-outs: longer than any phase may take, so the node always answers first."""
+    return DEFAULT_TIMEOUT_S + sum((phase_timeouts or {}).values())
+
+
 def call(path: str, op: str, timeout: float = DEFAULT_TIMEOUT_S, **arguments: object) -> Any:
     """``request`` for callers that want the result: an error reply raises
     ``OperationFailed`` with the node's message."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .control_client import request
+from .control_client import reply_timeout, request
 from .errors import PyvmmError
 
 TYPE_CHECKING = False
@@ -48,8 +48,9 @@ def _send(
     path: str, op: str, as_json: bool, on_progress: Any = None, **arguments: Any
 ) -> dict[str, Any] | None:
     """One control request; None (after one error line on stderr) if it failed."""
+    timeout = reply_timeout(arguments.get("timeouts"))
     try:
-        reply = request(path, op, on_progress=on_progress, **arguments)
+        reply = request(path, op, on_progress=on_progress, timeout=timeout, **arguments)
     except PyvmmError as exc:
         _err(f"pyvmm: error: {exc}")
         return None

@@ -36,7 +36,8 @@ def call(module, op, **arguments):
     own message (an unreachable socket, an error reply)."""
     require_pyvmm(module)
     path = module.params["control_socket"]
+    timeout = control_client.reply_timeout(arguments.get("timeouts"))
     try:
-        return control_client.call(path, op, **arguments)
+        return control_client.call(path, op, timeout=timeout, **arguments)
     except PyvmmError as exc:
         module.fail_json(msg=f"{op}: {exc}", control_socket=path)
