@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from common import report
@@ -179,15 +181,24 @@ def run(kills: int, cuts: int, clients: int, seed: int, workdir: str | None) -> 
                         "upgrade", node.control, "--to", str(KERNELS / "webkv-v2.elf"), *extra
                     ),
                     stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
                 )
                 delay = rng.uniform(0.0, KILL_WINDOW_S)
                 time.sleep(delay)
                 node.kill()
-                kill_moments.append({"after_s": round(delay, 3), "upgrade": " ".join(extra)})
                 totals["kills"] += 1
                 load.stop()
-                upgrade.wait(60)
+                progress = upgrade.communicate(timeout=60)[1]
+                # `pyvmm upgrade` prints each phase as it ends: the kill came after the last.
+                ended = re.findall(r"\] (\S+)\s+(?:done|failed)", progress)
+                kill_moments.append(
+                    {
+                        "after_s": round(delay, 3),
+                        "upgrade": " ".join(extra),
+                        "after_phase": ended[-1] if ended else None,
+                    }
+                )
             before = Expected()
             before.values, before.deleted = dict(expected.values), set(expected.deleted)
             n, checked, missing = power_cuts(base, str(journal), before, load.history, cuts, rng)
@@ -206,6 +217,9 @@ def run(kills: int, cuts: int, clients: int, seed: int, workdir: str | None) -> 
         "lost_writes_after_kill": lost["boot"],
         "lost_writes_at_power_cuts": lost["power_cut"],
         "lost_writes": lost["boot"] + lost["power_cut"],
+        "killed_after_phase": dict(
+            Counter(str(k["after_phase"]) for k in kill_moments).most_common()
+        ),
         "kill_moments": kill_moments,
     }
 

@@ -416,11 +416,15 @@ def upgrade_request(node, **request) -> dict:
 
 def test_a_kernel_that_never_reports_ready_is_rolled_back(node):
     # probe.elf boots fine but has no maintenance agent: it never answers ready?.
+    before = leak_counters(node)
     reply = upgrade_request(
         node, kernel=str(node.kernels / "probe.elf"), cmdline="probe=idle", timeouts={"ready": 2}
     )
     result = reply["result"]
     assert reply["ok"] and result["rolled_back"] and result["failed_phase"] == "ready"
+    # Each of the ~40 failed ready? polls opened an agent connection and a listener:
+    # none is left.
+    assert_known_state(node, before, "a", "rolled_back")
     status = json.loads(node.get("/status")[1])
     assert status["version"] == "v1" and status["role"] == "primary"
 
