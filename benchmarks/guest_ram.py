@@ -1,11 +1,13 @@
 """What guest RAM's backing costs the guest: bench.elf's memory-bound workloads
 (stream, chase) under pyvmm with each backing of pyvmm/memory.py, in alternating
-rounds (benchmarks/harness.py), ratios of TSC cycles to today's anonymous THP memory;
+rounds (benchmarks/harness.py), ratios of TSC cycles to today's anonymous THP memory,
+and of the pyvmm process's CPU time (which, unlike wall-clock cycles, does not grow
+while other processes hold the shared CPUs; alu is the no-memory control);
 optionally webkv GET throughput with wrk (``--webkv-seconds``). Each run reports its
 peak huge-page backing (AnonHugePages + ShmemPmdMapped from smaps_rollup).
 
     python benchmarks/guest_ram.py [--backings anonymous,memfd-thp,memfd-4k]
-        [--run stream,chase] [--webkv-seconds 0] [--rounds 6] [--pin]
+        [--run alu,stream,chase] [--args n_stream=100] [--webkv-seconds 0] [--rounds 6] [--pin]
 
 memfd-thp gets huge pages only where /sys/kernel/mm/transparent_hugepage/shmem_enabled
 allows madvise (``advise``, as .ci/setup configures it); memfd-hugetlb needs reserved
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -47,7 +50,8 @@ def main() -> None:
     if memory.free_huge_pages() >= GUEST_MIB << 20:
         available.append(memory.MEMFD_HUGETLB)
     parser.add_argument("--backings", default=",".join(available))
-    parser.add_argument("--run", default="stream,chase")
+    parser.add_argument("--run", default="alu,stream,chase", help="alu: a control, no memory")
+    parser.add_argument("--args", default="", help="extra bench.elf arguments (n_stream=...)")
     parser.add_argument("--webkv-seconds", type=float, default=0.0)
     harness.add_arguments(parser, harness.Plan(min_rounds=6, max_rounds=12, time_cap_s=600))
     args = parser.parse_args()
@@ -66,9 +70,16 @@ def main() -> None:
             put_script = f.name
 
     def measure(name: str) -> dict[str, float]:
-        done = under_pyvmm(f"run={args.run}", khz)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = under_pyvmm(f"run={args.run} {args.args}".strip(), khz)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         huge_mib.setdefault(name, []).append(done.huge_mib)
         figures = done.cycles(workloads)
+        # CPU time of the whole pyvmm process: unlike the guest's TSC cycles it does
+        # not grow while other processes hold the CPU (the machine is shared)
+        figures["pyvmm_cpu_s"] = (after.ru_utime + after.ru_stime) - (
+            before.ru_utime + before.ru_stime
+        )
         if put_script:
             web = run("/dev/shm", args.webkv_seconds, 16, put_script, pinning)
             figures["webkv_get_requests_per_s"] = web["get"]["requests_per_s"]

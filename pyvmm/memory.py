@@ -1,8 +1,8 @@
 """Guest RAM: one mapping, addressed by guest-physical address.
 
 The mapping is a memfd (sealed against shrinking) so that device back-ends in
-other processes can map the same RAM, or, with PYVMM_GUEST_RAM=anonymous, an
-anonymous private mapping. ``choose_backing`` picks the page size (see its doc).
+other processes can map the same RAM, or an anonymous private mapping where shared
+memory could only have 4 KiB pages. ``choose_backing`` decides (see its doc).
 
 Every access from the host side goes through bounds checks here, because the
 addresses and lengths come from the guest (descriptors, start-info pointers) or
@@ -89,12 +89,14 @@ def free_huge_pages() -> int:
     return 0
 
 
-def choose_backing(size: int) -> str:
+def choose_backing(size: int, shared: bool = False) -> str:
     """Guest RAM is a memfd, so back-end processes can map it, with the largest
     pages the host gives shared memory: reserved huge pages when enough are free,
     else shmem THP when shmem_enabled allows madvise (``advise``, ``always``,
-    ``within_size``, ``force``), else 4 KiB pages, with a warning, because the
-    guest's TLB misses then cost a level more of the nested walk.
+    ``within_size``, ``force``). Where shared memory can only have 4 KiB pages, the
+    guest pays for them (benchmarks/guest_ram.py: ~18% more CPU for bench.elf's
+    memory workloads, docs/decisions.md), so RAM stays anonymous memory with THP
+    unless it must be ``shared``; then it is a 4 KiB memfd, with a warning.
     PYVMM_GUEST_RAM=<backing> overrides the choice."""
     wanted = os.environ.get("PYVMM_GUEST_RAM", "")
     if wanted:
@@ -105,6 +107,8 @@ def choose_backing(size: int) -> str:
         return MEMFD_HUGETLB
     if shmem_thp_mode() in ("always", "within_size", "advise", "force"):
         return MEMFD_THP
+    if not shared:
+        return ANONYMOUS
     print(
         "pyvmm: warning: guest RAM on 4 KiB host pages (shmem_enabled is "
         f"{shmem_thp_mode()!r} and no reserved huge pages; see README, Host set-up)",

@@ -97,16 +97,18 @@ def test_memfd_is_sealed_against_shrinking():
 def test_backing_follows_the_host_and_the_override(monkeypatch):
     monkeypatch.delenv("PYVMM_GUEST_RAM", raising=False)
     monkeypatch.setattr(memory, "free_huge_pages", lambda: 0)
-    for mode, expected in [
+    cases = [
         ("advise", memory.MEMFD_THP),
         ("always", memory.MEMFD_THP),
-        ("never", memory.MEMFD_4K),
-    ]:
+        ("never", memory.ANONYMOUS),
+    ]
+    for mode, expected in cases:
         monkeypatch.setattr(memory, "shmem_thp_mode", lambda mode=mode: mode)
         assert memory.choose_backing(8 * MiB) == expected
+    assert memory.choose_backing(8 * MiB, shared=True) == memory.MEMFD_4K
     monkeypatch.setattr(memory, "free_huge_pages", lambda: 16 * MiB)
     assert memory.choose_backing(8 * MiB) == memory.MEMFD_HUGETLB
-    assert memory.choose_backing(32 * MiB) == memory.MEMFD_4K  # not enough reserved
+    assert memory.choose_backing(32 * MiB) == memory.ANONYMOUS  # not enough reserved
     monkeypatch.setenv("PYVMM_GUEST_RAM", "anonymous")
     assert memory.choose_backing(8 * MiB) == memory.ANONYMOUS
     with GuestMemory(4 * MiB) as mem:
@@ -116,9 +118,11 @@ def test_backing_follows_the_host_and_the_override(monkeypatch):
         GuestMemory(4 * MiB)
 
 
-def test_4k_fallback_warns(monkeypatch, capsys):
+def test_shared_ram_on_4k_pages_warns(monkeypatch, capsys):
     monkeypatch.delenv("PYVMM_GUEST_RAM", raising=False)
     monkeypatch.setattr(memory, "free_huge_pages", lambda: 0)
     monkeypatch.setattr(memory, "shmem_thp_mode", lambda: "never")
-    assert memory.choose_backing(8 * MiB) == memory.MEMFD_4K
+    assert memory.choose_backing(8 * MiB) == memory.ANONYMOUS
+    assert capsys.readouterr().err == ""
+    assert memory.choose_backing(8 * MiB, shared=True) == memory.MEMFD_4K
     assert "4 KiB host pages" in capsys.readouterr().err
