@@ -5,7 +5,7 @@
  * (~0.7 us each), so these paths are counted in instructions:
  *   system call (int3)     7 + the handler (SYS_null: 9 in all)
  *   LAPIC timer tick        3 (incq ticks; EOI; iretq)
- *   device interrupt        3 (btsq pending; EOI; iretq)
+ *   device interrupt        4 (incq count; btsq pending; EOI; iretq), 14 with irqlog=1
  * The interrupt stubs use no register and no stack beyond the CPU's frame, and
  * send EOI through a supervisor alias of the LAPIC at a constant address
  * (LAPIC_ALIAS, set up by user_run()) so that it is one instruction.
@@ -15,6 +15,9 @@
 #define LAPIC_ALIAS	0xffffffffbfe00000	/* pd_kernel[511] -> the LAPIC's 2 MiB page */
 #define LAPIC_EOI	0xb0
 #define UINFO_TICKS	16			/* offsetof(struct user_info, ticks) */
+#define UINFO_IRQ_COUNT	2128			/* offsetof(struct user_info, irq_count) */
+#define UINFO_IRQ_LOG_HEAD	2640		/* offsetof(struct user_info, irq_log_head) */
+#define UINFO_IRQ_LOG	2648			/* offsetof(struct user_info, irq_log) */
 #define SEL_UDATA_RPL3	0x1b
 #define SEL_UCODE_RPL3	0x23
 
@@ -73,16 +76,43 @@ timer_stub:
 	movl $0, LAPIC_ALIAS + LAPIC_EOI
 	iretq
 
-/* Device interrupts: vector IRQ_VECTOR_BASE + b sets bit b of irq_pending.  32 bytes apart. */
+/* Device interrupts: vector IRQ_VECTOR_BASE + b counts the run in
+ * user_info.irq_count[b] and sets bit b of irq_pending.  32 bytes apart. */
 	.balign 32
 	.globl irq_stubs
 irq_stubs:
 	b = 0
 	.rept IRQ_VECTORS
 	.balign 32
+	incq user_info + UINFO_IRQ_COUNT + 8 * b(%rip)
 	btsq $b, irq_pending(%rip)
 	movl $0, LAPIC_ALIAS + LAPIC_EOI
 	iretq
+	b = b + 1
+	.endr
+
+/* The same with a log entry first (irqlog=1): irq_log[head % IRQ_LOG_LEN] =
+ * (TSC & ~0xff) | b, then head++ (the entry is written before the head moves, so
+ * a reader that sees the head sees the entry).  64 bytes apart. */
+	.balign 64
+	.globl irq_log_stubs
+irq_log_stubs:
+	b = 0
+	.rept IRQ_VECTORS
+	.balign 64
+	pushq %rax
+	pushq %rdx
+	rdtsc
+	shlq $32, %rdx
+	orq %rdx, %rax
+	movb $b, %al
+	movq user_info + UINFO_IRQ_LOG_HEAD(%rip), %rdx
+	movzbl %dl, %edx			/* IRQ_LOG_LEN == 256 */
+	movq %rax, user_info + UINFO_IRQ_LOG(, %rdx, 8)
+	incq user_info + UINFO_IRQ_LOG_HEAD(%rip)
+	popq %rdx
+	popq %rax
+	jmp irq_stubs + 32 * b
 	b = b + 1
 	.endr
 

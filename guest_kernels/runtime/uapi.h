@@ -59,6 +59,7 @@
 #define SYSCALL_VECTOR		0x80	/* int $0x80: system calls, where `int n` works */
 
 #define UINFO_CMDLINE_MAX	2048
+#define IRQ_LOG_LEN		256	/* handler runs kept in user_info.irq_log (a ring) */
 
 #ifndef __ASSEMBLER__
 /* Handed to the user program (rdi at entry), in the user region, filled by the kernel. */
@@ -73,9 +74,20 @@ struct user_info {
 	uint64_t image_end;		/* physical end of the image (kernel + user region) */
 	char tsc_source[16];		/* cmdline, cpuid-40000010, cpuid-15, kvmclock, cpuid-16, pit, guess */
 	char cmdline[UINFO_CMDLINE_MAX];	/* copy of the kernel command line */
+	/* Device interrupt handler runs, per vector IRQ_VECTOR_BASE + b (the stubs count). */
+	volatile uint64_t irq_count[IRQ_VECTORS];
+	/* With irqlog=1 on the command line, every device handler run is also logged:
+	 * irq_log[n % IRQ_LOG_LEN] = (TSC at entry & ~0xff) | b for run n < irq_log_head.
+	 * For tests (readable by the program and by the host); costs 10 more emulated
+	 * instructions per interrupt, so it is off by default. */
+	volatile uint64_t irq_log_head;
+	volatile uint64_t irq_log[IRQ_LOG_LEN];
 };
 
 _Static_assert(__builtin_offsetof(struct user_info, ticks) == 16, "entry.S UINFO_TICKS");
+_Static_assert(__builtin_offsetof(struct user_info, irq_count) == 2128, "entry.S UINFO_IRQ_COUNT");
+_Static_assert(__builtin_offsetof(struct user_info, irq_log_head) == 2640, "entry.S UINFO_IRQ_LOG_HEAD");
+_Static_assert(__builtin_offsetof(struct user_info, irq_log) == 2648, "entry.S UINFO_IRQ_LOG");
 #endif
 
 #endif

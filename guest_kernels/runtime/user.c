@@ -35,7 +35,8 @@
 extern uint64_t pd_kernel[], pd_ident[];	/* boot.S */
 extern char __image_start[], __image_end[], __user_start[], __user_end[];
 extern char _ustart[];					/* ulib/crt0.S */
-extern char trap_syscall_entry[], syscall_entry[], timer_stub[], irq_stubs[], kernel_stack_top[], user_stack_top[];
+extern char trap_syscall_entry[], syscall_entry[], timer_stub[], irq_stubs[], irq_log_stubs[];
+extern char kernel_stack_top[], user_stack_top[];
 extern volatile uint64_t irq_pending;			/* entry.S */
 __attribute__((noreturn)) void user_enter(uint64_t rip, uint64_t rsp, uint64_t arg);
 
@@ -388,8 +389,11 @@ void user_run(void)
 	idt_set(SYSCALL_TRAP_VECTOR, trap_syscall_entry, 3);
 	idt_set(SYSCALL_VECTOR, trap_syscall_entry, 3);
 	idt_set(TIMER_VECTOR, timer_stub, 0);
+	const char *log = cmdline_get("irqlog");
+	int logged = log && *log == '1';
+
 	for (unsigned b = 0; b < IRQ_VECTORS; b++)
-		idt_set(IRQ_VECTOR_BASE + b, irq_stubs + 32 * b, 0);
+		idt_set(IRQ_VECTOR_BASE + b, logged ? irq_log_stubs + 64 * b : irq_stubs + 32 * b, 0);
 	wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SCE);
 	wrmsr(MSR_STAR, (uint64_t)SEL_KDATA << 48 | (uint64_t)SEL_KCODE << 32);	/* sysret: +16 code, +8 data */
 	wrmsr(MSR_LSTAR, (uint64_t)syscall_entry);

@@ -20,6 +20,12 @@
  *                byte arrives on its console, reads then writes one word in every
  *                4 KiB page of it, passes= times (default 1); then idles;
  *                with exec=1 it jumps into the range instead
+ *   irq-count    routes the IOAPIC pins of pins=P,Q,... (edge) and alternates a
+ *                busy spin of up to spin_us= (default 2000, pseudo-random length)
+ *                with wait_interrupt (syscalls=1: the spin reads the clock by
+ *                system call, so it is often at CPL0); the runtime counts (and with irqlog=1 logs)
+ *                each handler run in user_info, which the host reads; after
+ *                seconds= (default: never) prints the counts and exits 0
  */
 #include "ulib.h"
 
@@ -203,6 +209,40 @@ static int scribble(void)
 		sys_wait_interrupt();
 }
 
+static int irq_count(void)
+{
+	const char *p = uarg("pins");
+	uint64_t spin_ns = uarg_u64("spin_us", 2000) * 1000, seconds = uarg_u64("seconds", 0);
+	uint64_t t0 = uclock_ns(), seed = 0x9e3779b97f4a7c15UL ^ urdtsc(), routed = 0;
+	int syscalls = uarg_u64("syscalls", 0) != 0;
+
+	while (p && *p >= '0' && *p <= '9') {
+		unsigned pin = 0;
+
+		while (*p >= '0' && *p <= '9')
+			pin = pin * 10 + *p++ - '0';
+		if (pin < 24 && sys_irq(pin, IRQ_EDGE_HIGH) >= 0)
+			routed |= 1UL << pin;
+		if (*p == ',')
+			p++;
+	}
+	uprintf("probe: irq-count routed=0x%lx\n", routed);
+	while (!seconds || uclock_ns() - t0 < seconds * 1000000000UL) {
+		seed = seed * 6364136223846793005UL + 1442695040888963407UL;
+		uint64_t until = uclock_ns() + (spin_ns ? (seed >> 33) % spin_ns : 0);
+
+		while ((syscalls ? sys_clock_ns() : uclock_ns()) < until)
+			__asm__ volatile("pause");
+		sys_wait_interrupt();
+	}
+	uprintf("probe: irq-count");
+	for (unsigned b = 0; b < 24; b++)
+		if (routed & (1UL << b))
+			uprintf(" pin%u=%lu", b, uinfo->irq_count[b]);
+	uprintf("\n");
+	return 0;
+}
+
 int umain(void)
 {
 	const char *action = uarg("probe");
@@ -241,6 +281,8 @@ int umain(void)
 		return compute();
 	if (!strcmp(action, "scribble"))
 		return scribble();
+	if (!strcmp(action, "irq-count"))
+		return irq_count();
 	uprintf("probe: error=unknown-action\n");
 	return 2;
 }
