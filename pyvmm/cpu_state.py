@@ -10,7 +10,12 @@ OS programs them.
 
 Restore order follows what KVM requires: LAPIC mode before the TSC deadline MSR,
 sregs (with APIC base) before the LAPIC, events last so a pending exception or
-interrupt is injected into the restored context.
+interrupt is injected into the restored context. The IOAPIC and PIC follow the
+LAPIC: setting the IOAPIC re-asserts the pins saved high, and KVM delivers what
+that raises into the LAPIC loaded at that moment, which must be the instance's own
+(before it, the delivery would land in the previous instance's LAPIC and be
+overwritten, leaving a level pin waiting for an EOI forever). The PIT follows
+the irqchips it injects into.
 """
 
 from __future__ import annotations
@@ -41,14 +46,20 @@ NOT_SWITCHED = {
     MSR_IA32_TSC_DEADLINE: "restored after the LAPIC",
 }
 IRQCHIP_IDS = (n.KVM_IRQCHIP_PIC_MASTER, n.KVM_IRQCHIP_PIC_SLAVE, n.KVM_IRQCHIP_IOAPIC)
+PIC_MASTER, PIC_SLAVE, IOAPIC = range(3)  # indices into CpuState.irqchips
+REDIR_MASKED = 1 << 16  # IOAPIC redirection entry bits
+REDIR_REMOTE_IRR = 1 << 14
 
 # LAPIC registers (byte offsets in kvm_lapic_state.regs) and timer modes.
 APIC_IRR = 0x200
 APIC_LVTT = 0x320
+APIC_LVT0 = 0x350
 APIC_TMICT = 0x380
 APIC_TMCCT = 0x390
 APIC_TDCR = 0x3E0
 LVT_MASKED = 1 << 16
+LVT_DELIVERY_MODE = 7 << 8
+LVT_EXTINT = 7 << 8
 LVT_TIMER_MODE = 3 << 17
 LVT_TIMER_TSC_DEADLINE = 2 << 17
 APIC_BUS_NS = 1  # KVM's LAPIC timer counts at 1 GHz before the divider
@@ -208,9 +219,6 @@ class StateSwitcher:
 
     def restore(self, state: CpuState) -> None:
         vcpu, vm = self.vcpu, self.vm
-        for chip in state.irqchips:
-            vm.set_irqchip(chip)
-        vm.set_pit2(state.pit)
         vcpu.set_regs(state.regs)
         vcpu.set_xsave(state.xsave)
         vcpu.set_xcrs(state.xcrs)
@@ -222,6 +230,9 @@ class StateSwitcher:
             advance_lapic_timer(state.lapic, time.monotonic_ns() - state.saved_ns)
             state.saved_ns = 0  # advanced once: a second restore must not advance again
         vcpu.set_lapic(state.lapic)
+        for chip in state.irqchips:
+            vm.set_irqchip(chip)
+        vm.set_pit2(state.pit)
         if self.has_tsc_deadline:
             vcpu.set_msrs({MSR_IA32_TSC_DEADLINE: state.tsc_deadline})
         vcpu.set_vcpu_events(state.events)

@@ -9,6 +9,7 @@ reached the irqchip when it returns: KVM injects an irqfd signal into an IOAPIC 
 later, from a work queue, and by then a world switch may have put another
 instance's irqchip in place, which would swallow it. ``NotifyPoller`` turns
 ioeventfd-signalled queue notifications into calls on a device, on its own thread.
+Each line counts its assertions (``raised``), devirtualized or not.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ class IrqLine:
         self._vm = vm
         self.gsi = gsi
         self.level = False
+        self.raised = 0  # rising edges
         self.deliver: Callable[[bool], None] = self.to_kvm
 
     def __call__(self, level: bool) -> None:
         if level != self.level:
             self.level = level
+            self.raised += level
             self.deliver(level)
 
     def to_kvm(self, level: bool) -> None:
@@ -54,9 +57,11 @@ class IrqfdLine:
         self._vm = vm
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         vm.irqfd(self.fd, gsi)
+        self.raised = 0  # triggers (not atomic: a statistic, racing triggers may share one)
         self.deliver: Callable[[bool], None] = self.to_kvm
 
     def trigger(self) -> None:
+        self.raised += 1
         self.deliver(True)
 
     def to_kvm(self, level: bool) -> None:

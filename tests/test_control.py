@@ -155,7 +155,7 @@ def test_status_has_a_schema_and_every_field_is_documented(node):
 
     path, _ = node
     status = json.loads(ctl(path, "status", "--json").stdout)["result"]
-    assert status["schema"] == 1
+    assert status["schema"] == 2
     assert status["invariant"] == [] and status["last_upgrade"] is None
     resources = status["resources"]
     assert resources["agents"] == 0 and resources["listeners"] == 0
@@ -164,6 +164,7 @@ def test_status_has_a_schema_and_every_field_is_documented(node):
     assert resources["client_sockets"] >= 1  # the asking connection, not counted in fds
     docs = (ROOT / "docs" / "status.md").read_text()
     nested = [status, status["instances"][0], status["service"], resources, status["isolation"]]
+    nested += list(status["irq_lines"].values())
     for fields in nested:
         for field in fields:
             assert f"`{field}`" in docs, field

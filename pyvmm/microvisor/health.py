@@ -27,7 +27,7 @@ from .agent import open_agents
 from .instance import OsInstance
 from .microvisor import DEVIRTUALIZED, Microvisor
 
-SCHEMA = 1
+SCHEMA = 2
 _DEFAULT_THREAD_NAME = re.compile(r"^Thread-\d+(?: \((?P<target>.*)\))?$")
 
 

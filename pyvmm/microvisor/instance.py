@@ -41,8 +41,6 @@ class OsInstance:
         self.mmio = MmioBus()
         # Interrupt lines (by GSI) asserted while it was switched out.
         self.held: set[int] = set()
-        # Lines injected straight into its irqchip during its current turn on the vCPU.
-        self.injected: set[int] = set()
         self.paused = False  # not scheduled at all; its interrupts are held meanwhile
         # Its time slice when another instance has work (None: the microvisor's).
         self.slice_s: float | None = None

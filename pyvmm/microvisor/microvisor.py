@@ -32,7 +32,7 @@ from .instance import RETIRED, OsInstance
 from .interrupts import IrqRouter
 from .isolation import SYMMETRIC, PartitionSlots
 from .ownership import build_views, partition_devices
-from .timers import Alarm, interrupt_pending, timer_due_in
+from .timers import Alarm, event_in_delivery, interrupt_pending, timer_due_in
 
 DEVIRTUALIZED = "devirtualized"
 VIRTUALIZED = "virtualized"
@@ -117,7 +117,7 @@ class Microvisor:
         self._node_pio_bus, self._node_mmio_bus = machine.pio, machine.mmio
         self._slice_started = 0.0
         self.switches = 0
-        self.redelivered = 0  # switch-outs whose interrupts were delivered again
+        self.halted_in_delivery = 0  # switch-outs halted with an event in delivery
         self.switch_latency: deque[float] = deque(maxlen=10_000)
         # Why the node is virtualized although maintenance is over (None: it is not,
         # or maintenance is running); devirtualize clears it.
@@ -276,7 +276,8 @@ class Microvisor:
             "current": None if current is None else current.name,
             "instances": [i.describe() for i in instances],
             "switches": self.switches,
-            "redelivered": self.redelivered,
+            "halted_in_delivery": self.halted_in_delivery,
+            "irq_lines": self._irq_lines(),
             "exits": self.machine.exit_count,
             "switch_latency_us": {
                 "p50": pct(0.5),
@@ -297,6 +298,21 @@ class Microvisor:
             "first_slot_update_us": None if first is None else round(first * 1e6, 1),
             "slot_change_us_p50": round(changes[len(changes) // 2] * 1e6, 1) if changes else None,
         }
+
+    def _irq_lines(self) -> dict[str, dict[str, object]]:
+        """Per interrupt line (by GSI): its device, that device's owner, the
+        assertions the device made and what the router did with them."""
+        lines: dict[str, dict[str, object]] = {}
+        for name, attachment in list(self.machine.devices.items()):
+            owner = next((i.name for i in self.live() if name in i.devices), None)
+            for line in attachment.irqs:
+                lines[str(line.gsi)] = {
+                    "device": name,
+                    "owner": owner,
+                    "raised": line.raised,
+                    **self.router.line_counts(line.gsi),
+                }
+        return lines
 
     def _on_vcpu(self, operation: Callable[[], T]) -> T:
         """Run ``operation`` on the vCPU thread (or here, if no vCPU thread is running)."""
@@ -593,20 +609,17 @@ class Microvisor:
         previous = self.current
         if previous is not None and previous.live:
             self.switcher.save(previous.cpu)
+            if previous.cpu.mp_state == n.KVM_MP_STATE_HALTED and event_in_delivery(previous.cpu):
+                # Halted though KVM holds an interrupt (NMI, exception) already taken
+                # for delivery: a CPU would be running it, but KVM's wake-up test
+                # does not look at such events, so restored halted it would sleep
+                # until something else woke it. Counted; not seen on this host.
+                previous.cpu.mp_state = n.KVM_MP_STATE_RUNNABLE
+                self.halted_in_delivery += 1
             previous.halted = (
                 previous.cpu.mp_state == n.KVM_MP_STATE_HALTED
                 and not interrupt_pending(previous.cpu)
             )
-            if previous.halted and previous.injected:
-                # Halted with nothing pending, though it was sent interrupts this
-                # turn. Usually it handled them; but on this KVM an interrupt is now
-                # and then in neither the saved LAPIC nor the vCPU events although
-                # the guest never ran its handler (seen: a guest waiting 250 ms, for
-                # its timer, on a finished disk request). So deliver them again at
-                # switch-in: a virtio driver finds nothing new, at worst.
-                previous.held |= previous.injected
-                previous.halted = False
-                self.redelivered += 1
             due = timer_due_in(previous.cpu, machine.tsc_khz) if previous.halted else None
             previous.wake_at = None if due is None else time.monotonic() + due
         self.slots.enter(to.partition, [i.partition for i in self.live()])

@@ -9,12 +9,20 @@ from collections.abc import Callable
 
 from ..cpu_state import (
     APIC_IRR,
+    APIC_LVT0,
     APIC_LVTT,
     APIC_TMCCT,
     APIC_TMICT,
+    IOAPIC,
+    LVT_DELIVERY_MODE,
+    LVT_EXTINT,
     LVT_MASKED,
     LVT_TIMER_MODE,
     LVT_TIMER_TSC_DEADLINE,
+    PIC_MASTER,
+    PIC_SLAVE,
+    REDIR_MASKED,
+    REDIR_REMOTE_IRR,
     CpuState,
     lapic_reg,
     timer_ns_per_count,
@@ -22,8 +30,38 @@ from ..cpu_state import (
 
 
 def interrupt_pending(cpu: CpuState) -> bool:
-    """An interrupt is already requested in the saved LAPIC (IRR)."""
-    return any(lapic_reg(cpu.lapic, APIC_IRR + 0x10 * i) for i in range(8))
+    """Something in the saved state would run the guest again: a vector requested in
+    the LAPIC (IRR), an event KVM is delivering (an interrupt, NMI or exception
+    injected or pending, an SMI), an IOAPIC pin asserted, unmasked and not waiting
+    for its EOI, or a PIC request the LAPIC accepts (LINT0 in ExtINT mode)."""
+    if any(lapic_reg(cpu.lapic, APIC_IRR + 0x10 * i) for i in range(8)):
+        return True
+    if event_in_delivery(cpu):
+        return True
+    events = cpu.events
+    if events.nmi.pending or events.exception.pending or events.smi.pending:
+        return True
+    ioapic = cpu.irqchips[IOAPIC].chip.ioapic
+    for pin in range(24):
+        if ioapic.irr >> pin & 1:
+            entry = ioapic.redirtbl[pin]
+            if not entry & REDIR_MASKED and not entry & REDIR_REMOTE_IRR:
+                return True
+    lint0 = lapic_reg(cpu.lapic, APIC_LVT0)
+    if not lint0 & LVT_MASKED and lint0 & LVT_DELIVERY_MODE == LVT_EXTINT:
+        master, slave = cpu.irqchips[PIC_MASTER].chip.pic, cpu.irqchips[PIC_SLAVE].chip.pic
+        if master.irr & ~master.imr or slave.irr & ~slave.imr:
+            return True
+    return False
+
+
+def event_in_delivery(cpu: CpuState) -> bool:
+    """KVM has an interrupt, NMI or exception on its way into the guest (taken from
+    the LAPIC or raised, not yet delivered). KVM does not wake a halted vCPU for
+    one of these (its wake-up test looks at the LAPIC and at requests), so a vCPU
+    saved halted in this state is resumed runnable, as a CPU would be."""
+    events = cpu.events
+    return bool(events.interrupt.injected or events.nmi.injected or events.exception.injected)
 
 
 def timer_due_in(cpu: CpuState, tsc_khz: int) -> float | None:
