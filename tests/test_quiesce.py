@@ -119,6 +119,48 @@ def test_stop_with_block_requests_in_flight_writes_nothing_afterwards(kernels, d
     assert not seen["changed"]
 
 
+def test_an_instance_that_powers_off_is_quiesced_before_its_partition_is_reused(
+    kernels, disk, monkeypatch
+):
+    """No stop request here: b ends by itself (exit), retired on the vCPU thread, while
+    a start for its partition comes in on another thread at once."""
+    node, backend = node_with_disk(kernels, disk)
+    slow = SlowDisk(backend, monkeypatch, delay=0.05)
+    seen: dict[str, object] = {}
+
+    def script(n: Node) -> None:
+        n.mv.virtualize()
+        b_instance = n.mv.start(n.kernel("probe.elf"), "probe=echo", name="b")
+        n.wait_for(r"\[b\] probe: action=echo")
+        _, vq, _ = drive_as_b(n, backend)
+        buffers = (vq.buffers, vq.size * vq.buf_size)
+        for k in range(REQUESTS):
+            vq.post([header(b.VIRTIO_BLK_T_IN, 8 * k), 4096, 1], kick=False)
+        vq.kick()
+        assert slow.started.wait(10)
+        n.machine.com2.feed(b"bye\n")  # probe=echo prints the line and exits
+        while b_instance.live:
+            time.sleep(0.0005)
+        c = n.mv.start(n.kernel("probe.elf"), "probe=spin", name="c")  # wipes, loads
+        seen["partition"] = c.partition.index
+        seen["running"] = slow.running
+        time.sleep(0.3)
+        # The data buffers were wiped with the partition and stay zero: no request
+        # of b's completed into the new instance's memory.
+        seen["buffers_zero"] = not any(n.machine.memory.read(*buffers))
+        seen["served"] = backend.requests
+        n.mv.stop("c")
+        n.mv.devirtualize()
+
+    try:
+        node.run_with(script)
+    finally:
+        node.machine.close()
+    assert seen["partition"] == 1 and seen["running"] == 0
+    assert 0 < seen["served"] < REQUESTS
+    assert seen["buffers_zero"]
+
+
 def test_a_partition_is_not_reused_while_io_into_it_runs(kernels, disk, monkeypatch):
     node, backend = node_with_disk(kernels, disk)
     slow = SlowDisk(backend, monkeypatch)  # the gate holds one read in flight

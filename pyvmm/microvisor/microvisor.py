@@ -139,6 +139,10 @@ class Microvisor:
         self.request_timeout_s = REQUEST_TIMEOUT_S
         # Partition → devices of its retired instance still writing into it.
         self._unquiesced: dict[int, set[str]] = {}
+        # Held from an instance's retirement until its devices are quiesced, and by
+        # whoever picks a partition to wipe: a crash retires on the vCPU thread while
+        # a start may be choosing the partition on another.
+        self._quiescing = threading.Lock()
 
     # --- instances ---------------------------------------------------------------
 
@@ -165,16 +169,17 @@ class Microvisor:
         return [i for i in self.instances.values() if i.live]
 
     def _spare_partition(self) -> Partition:
-        used = {i.partition.index for i in self.live()}
-        for partition in self.machine.memory.partitions:
-            if partition.index not in used:
-                busy = self._quiesce(partition.index, (), QUIESCE_TIMEOUT_S)
-                if busy:
-                    raise MicrovisorError(
-                        f"partition {partition.index} cannot be reused yet: "
-                        f"{', '.join(busy)} still writing into it; try again"
-                    )
-                return partition
+        with self._quiescing:
+            used = {i.partition.index for i in self.live()}
+            for partition in self.machine.memory.partitions:
+                if partition.index not in used:
+                    busy = self._quiesce(partition.index, (), QUIESCE_TIMEOUT_S)
+                    if busy:
+                        raise MicrovisorError(
+                            f"partition {partition.index} cannot be reused yet: "
+                            f"{', '.join(busy)} still writing into it; try again"
+                        )
+                    return partition
         raise MicrovisorError("no spare partition: stop an instance first")
 
     # --- requests (any thread) -----------------------------------------------------
@@ -485,20 +490,22 @@ class Microvisor:
                 self.router.set_owner(line, owner)
 
     def _retire(self, instance: OsInstance, result: RunResult) -> None:
-        instance.status = RETIRED
-        instance.result = result
-        instance.held.clear()
-        released = instance.devices
-        instance.devices = set()  # unowned until moved: they serve nobody now
-        self._assign_lines()
-        self._quiesce(instance.partition.index, released, QUIESCE_TIMEOUT_S)
+        with self._quiescing:
+            instance.status = RETIRED
+            instance.result = result
+            instance.held.clear()
+            released = instance.devices
+            instance.devices = set()  # unowned until moved: they serve nobody now
+            self._assign_lines()
+            self._quiesce(instance.partition.index, released, QUIESCE_TIMEOUT_S)
 
     def _quiesce(self, partition: int, devices: Iterable[str], timeout: float) -> list[str]:
         """Stop the devices of a gone instance before its partition is wiped or
         reused: queues stopped, block I/O already submitted finished, vsock streams
         back to their listeners; afterwards they write nothing into guest RAM. I/O
         that outlives ``timeout`` cannot be abandoned, so the partition stays out of
-        use until it ends (checked again here). Returns the devices still busy."""
+        use until it ends (checked again here). Returns the devices still busy.
+        Called with ``_quiescing`` held."""
         deadline = time.monotonic() + timeout
         busy = []
         for name in sorted({*devices, *self._unquiesced.pop(partition, ())}):
