@@ -92,6 +92,7 @@ class VirtioVsock(VirtioBackend):
         self.features = VIRTIO_F_VERSION_1
         self.refused = 0  # guest connection requests refused
         self.dropped = 0  # malformed packets from the guest
+        self.redriven = 0  # streams whose unanswered request went to the next guest
         self._conns: dict[tuple[int, int], Conn] = {}
         self._by_fd: dict[int, Conn | HostListener] = {}
         self._listeners: dict[HostListener, int] = {}  # → current epoll mask
@@ -145,6 +146,10 @@ class VirtioVsock(VirtioBackend):
             listener.detach(self)  # from now on new connections wait in the listener
         self._resetting = True
         with self._lock:
+            if self.transport is not None:
+                # What the guest sent before it stopped is acted on: a reply waiting
+                # in the tx ring reaches its client, so its request is not re-driven.
+                self._process_tx(self.transport)
             self.transport = None
             conns = list(self._conns.values())
             for conn in conns:  # in order: each is parked behind the one before
@@ -349,6 +354,7 @@ class VirtioVsock(VirtioBackend):
             self._give_back(conn)
         elif conn.listener is not None and conn.can_redrive():
             self._forget(conn)
+            self.redriven += bool(conn.unanswered)
             conn.listener.park(conn.park(redrive=True))
         else:
             conn.flush_tcp()
