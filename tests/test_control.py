@@ -163,8 +163,12 @@ def test_status_has_a_schema_and_every_field_is_documented(node):
     assert resources["fds"] == sum(resources["fd_kinds"].values()) > 0
     assert resources["client_sockets"] >= 1  # the asking connection, not counted in fds
     docs = (ROOT / "docs" / "status.md").read_text()
+    from pyvmm.memory import BACKINGS
+
+    assert status["guest_ram"]["backing"] in BACKINGS and status["guest_ram"]["mib"] > 0
     nested = [status, status["instances"][0], status["service"], resources, status["isolation"]]
     nested += list(status["irq_lines"].values())
+    nested.append(status["guest_ram"])
     for fields in nested:
         for field in fields:
             assert f"`{field}`" in docs, field

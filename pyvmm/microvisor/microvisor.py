@@ -291,6 +291,10 @@ class Microvisor:
                 "max": pct(1.0),
             },
             "isolation": self._isolation_status(),
+            "guest_ram": {
+                "backing": self.machine.memory.backing,
+                "mib": self.machine.memory.size >> 20,
+            },
         }
 
     def _isolation_status(self) -> dict[str, object]:
