@@ -4,8 +4,11 @@ BackEnd served on a thread, with guest RAM as a memfd and eventfds for the rings
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -199,3 +202,64 @@ def test_too_many_fds_are_refused_and_closed(pair):
     finally:
         for fd in fds:
             os.close(fd)
+
+
+ECHO_BACK_END = """
+import os, select, socket, sys
+from pyvmm.backends import vhost_user as vu
+
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+back = vu.BackEnd(sock, 1 << 32, 1)
+while True:
+    ring = back.vrings[0]
+    watched = [sock] + ([ring.kick] if ring.started and ring.enabled else [])
+    ready = select.select(watched, [], [], 30)[0]
+    if not ready:
+        sys.exit("idle for 30 s")
+    if sock in ready:
+        try:
+            back.serve_one()
+        except vu.ProtocolError:
+            sys.exit(0)  # the VMM closed the connection
+        continue
+    os.eventfd_read(ring.kick)
+    request = bytes(back.gpa(0x1000, 4))  # a device reading guest RAM ...
+    back.gpa(0x2000, 4)[:] = request[::-1]  # ... and writing it
+    os.eventfd_write(ring.call, 1)  # the interrupt
+"""
+
+
+def test_a_back_end_process_maps_guest_ram_and_answers_through_eventfds(ram, tmp_path):
+    """Guest RAM shared with another process: the memfd and the eventfds cross
+    the socket, the process reads and writes guest RAM, the VMM sees it."""
+    path = str(tmp_path / "backend.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    child = subprocess.Popen([sys.executable, "-c", ECHO_BACK_END, path])
+    kick, call = os.eventfd(0), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        listener.settimeout(30)
+        conn, _ = listener.accept()
+        front = vu.FrontEnd(conn, timeout=10)
+        front.negotiate(1 << 32)
+        front.set_mem_table([region(ram)], [ram.fd])
+        front.set_vring_num(0, 256)
+        front.set_vring_addr(ring_at(ram, 0, 0x10000))
+        front.set_vring_call(0, call)
+        front.set_vring_kick(0, kick)
+        front.set_vring_enable(0, True)
+        ram.write(0x1000, b"ping")
+        os.eventfd_write(kick, 1)
+        assert select.select([call], [], [], 10)[0], "no interrupt from the back-end"
+        assert os.eventfd_read(call) == 1
+        assert ram.read(0x2000, 4) == b"gnip"
+        conn.close()
+        assert child.wait(10) == 0
+    finally:
+        child.kill()
+        child.wait()
+        listener.close()
+        os.close(kick)
+        os.close(call)
