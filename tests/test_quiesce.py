@@ -103,6 +103,7 @@ def test_stop_with_block_requests_in_flight_writes_nothing_afterwards(kernels, d
         seen["running"] = slow.running
         seen["served"] = backend.requests
         seen["status"] = drv.rd(m.STATUS)
+        seen["quiesce_s"] = n.mv.instances["b"].describe()["quiesce_s"]
         before = digest(n, partition)
         time.sleep(0.3)  # ~30 more requests' worth at the disk's pace
         seen["changed"] = digest(n, partition) != before
@@ -117,6 +118,7 @@ def test_stop_with_block_requests_in_flight_writes_nothing_afterwards(kernels, d
     assert 0 < seen["served"] < REQUESTS  # work was still queued when b was stopped
     assert seen["served_after"] == seen["served"]
     assert seen["status"] == 0  # the device was reset
+    assert 0 < seen["quiesce_s"] < 1.0  # it waited for the one request in progress
     assert not seen["changed"]
 
 
@@ -179,8 +181,10 @@ def test_a_partition_is_not_reused_while_io_into_it_runs(kernels, disk, monkeypa
         seen["stop_s"] = time.monotonic() - started
         with pytest.raises(MicrovisorError, match="cannot be reused yet: blk1"):
             n.mv.start(n.kernel("probe.elf"), "probe=spin", name="c")
+        seen["unquiesced"] = n.mv.status()["unquiesced"]
         slow.gate.set()  # the read ends, into b's old partition, which nobody uses yet
         c = n.mv.start(n.kernel("probe.elf"), "probe=spin", name="c")
+        seen["unquiesced_after"] = n.mv.status()["unquiesced"]
         seen["partition"] = c.partition.index
         n.mv.stop("c")
         n.mv.devirtualize()
@@ -190,6 +194,7 @@ def test_a_partition_is_not_reused_while_io_into_it_runs(kernels, disk, monkeypa
     finally:
         node.machine.close()
     assert 0.15 < seen["stop_s"] < 2.0
+    assert seen["unquiesced"] == {"1": ["blk1"]} and seen["unquiesced_after"] == {}
     assert seen["partition"] == 1
 
 

@@ -49,6 +49,7 @@ class OsInstance:
         self.slices = 0
         self.refused = 0  # accesses to devices it does not own
         self.refused_memory = 0  # accesses to guest RAM outside its partition
+        self.quiesce_s: float | None = None  # how long its devices took to quiesce
         self.refusals = RefusalLog(name)  # the log lines of both, rate-limited
         # What it runs: set by record_image when it is booted.
         self.kernel: str | None = None
@@ -81,6 +82,7 @@ class OsInstance:
             "slices": self.slices,
             "refused_accesses": self.refused,
             "refused_memory_accesses": self.refused_memory,
+            "quiesce_s": self.quiesce_s,
             "result": None if self.result is None else self.result.reason,
             "kernel": self.kernel,
             "kernel_sha256": self.kernel_sha256,

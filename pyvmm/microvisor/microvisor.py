@@ -295,6 +295,7 @@ class Microvisor:
                 "backing": self.machine.memory.backing,
                 "mib": self.machine.memory.size >> 20,
             },
+            "unquiesced": {str(k): sorted(v) for k, v in dict(self._unquiesced).items()},
         }
 
     def _isolation_status(self) -> dict[str, object]:
@@ -501,7 +502,9 @@ class Microvisor:
             released = instance.devices
             instance.devices = set()  # unowned until moved: they serve nobody now
             self._assign_lines()
+            started = time.perf_counter()
             self._quiesce(instance.partition.index, released, QUIESCE_TIMEOUT_S)
+            instance.quiesce_s = round(time.perf_counter() - started, 6)
 
     def _quiesce(self, partition: int, devices: Iterable[str], timeout: float) -> list[str]:
         """Stop the devices of a gone instance before its partition is wiped or
