@@ -177,9 +177,7 @@ def run(kills: int, cuts: int, clients: int, seed: int, workdir: str | None) -> 
                 time.sleep(rng.uniform(0.5, 1.5))
                 extra = rng.choice(UPGRADES)
                 upgrade = subprocess.Popen(
-                    pyvmm(
-                        "upgrade", node.control, "--to", str(KERNELS / "webkv-v2.elf"), *extra
-                    ),
+                    pyvmm("upgrade", node.control, "--to", str(KERNELS / "webkv-v2.elf"), *extra),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
                     text=True,

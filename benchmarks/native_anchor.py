@@ -28,7 +28,8 @@ class NativeRun:
         self.seconds = 0.0
 
     def segment(self, seconds: float) -> None:
-        with serving("native", self.workdir) as port:
+        with serving("native", self.workdir) as server:
+            port = server.port
             self.pinning.apply_load()  # the client processes inherit this
             load = KvLoad(port, self.clients, rate=self.rate).start()
             self.pinning.apply_measured()

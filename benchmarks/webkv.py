@@ -2,7 +2,9 @@
 with webkv-native (the same webkv sources as a host process, guest_kernels/README.md),
 with the same clients on the same disk: wrk (GET and PUT) and examples/kvload.py
 (8 keep-alive clients writing and reading back: p50, p99, max, and the longest
-request in windows the length of an upgrade, ``--window-ms``). Every configuration
+request in windows the length of an upgrade, ``--window-ms``), and the server's CPU
+time per wrk request (all its processes' threads, from /proc: robust where the
+machine is shared, unlike wall-clock figures). Every configuration
 (server x disk place: tmpfs, the real disk) runs once per round, alternated by the
 harness (benchmarks/harness.py); ``pyvmm_over_native`` gives the paired ratios.
 
@@ -90,6 +92,7 @@ def wrk(
     )
     out = done.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    requests = int(re.search(r"(\d+) requests in", out)[1])
     latency = {}
     for pct in ("50", "99"):
         m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
@@ -98,6 +101,7 @@ def wrk(
     socket_errors = re.search(r"Socket errors: (.*)", out)
     return {
         "requests_per_s": rps,
+        "requests": requests,
         **latency,
         "non_2xx": int(errors[1]) if errors else 0,
         "socket_errors": socket_errors[1] if socket_errors else None,
@@ -142,10 +146,27 @@ def kvload(
     }
 
 
+class Server:
+    """A running webkv: its port and process."""
+
+    def __init__(self, port: int, process: subprocess.Popen) -> None:
+        self.port, self.process = port, process
+
+    def cpu_s(self) -> float:
+        """CPU time the server process has used (all its threads), from /proc: unlike
+        wall-clock figures it does not grow while other processes hold the CPUs."""
+        try:
+            with open(f"/proc/{self.process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def serving(server: str, disk_dir: str, timeout_s: float = 600) -> Iterator[int]:
+def serving(server: str, disk_dir: str | None, timeout_s: float = 600) -> Iterator[Server]:
     """webkv (``server``: pyvmm or native) on a fresh 64 MiB disk in ``disk_dir``,
-    up and answering; yields its port, kills it afterwards."""
+    up and answering; kills it afterwards."""
     with tempfile.TemporaryDirectory(dir=disk_dir) as tmp:
         disk = Path(tmp) / "kv.img"
         with open(disk, "wb") as f:
@@ -155,7 +176,7 @@ def serving(server: str, disk_dir: str, timeout_s: float = 600) -> Iterator[int]
         node = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_for_port(port)
-            yield port
+            yield Server(port, node)
         finally:
             node.kill()
             node.wait()
@@ -171,12 +192,17 @@ def run(
     kvload_seconds: float = 0.0,
     window_s: float = 0.2,
 ) -> dict:
-    with serving(server, disk_dir, seconds * 4 + kvload_seconds + 60) as port:
-        put = wrk(port, "/", seconds, connections, put_script, pinning)
-        get = wrk(port, "/kv/bench1", seconds, connections, None, pinning)
-        result = {"put": put, "get": get}
+    with serving(server, disk_dir, seconds * 4 + kvload_seconds + 60) as node:
+        result = {}
+        for op, path, script in (("put", "/", put_script), ("get", "/kv/bench1", None)):
+            cpu = node.cpu_s()
+            result[op] = wrk(node.port, path, seconds, connections, script, pinning)
+            done = result[op]["requests"]
+            result[op]["server_cpu_us_per_request"] = (
+                round((node.cpu_s() - cpu) * 1e6 / done, 2) if done else 0.0
+            )
         if kvload_seconds:
-            result["kv"] = kvload(port, kvload_seconds, window_s, pinning)
+            result["kv"] = kvload(node.port, kvload_seconds, window_s, pinning)
     return result
 
 
@@ -186,7 +212,7 @@ def metrics(result: dict) -> dict[str, float]:
     out = {
         f"{op}_{key}": result[op][key]
         for op in ("put", "get")
-        for key in ("requests_per_s", "p50_ms", "p99_ms")
+        for key in ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_request")
     }
     if "kv" in result:
         kv = result["kv"]
@@ -284,6 +310,8 @@ def main() -> None:
     medians = out["configs"]
     shown = (
         "get_requests_per_s",
+        "get_server_cpu_us_per_request",
+        "put_server_cpu_us_per_request",
         "kv_p50_ms",
         "kv_p99_ms",
         "kv_max_ms",
