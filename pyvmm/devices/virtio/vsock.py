@@ -165,7 +165,7 @@ class VirtioVsock(VirtioBackend):
 
     def close(self) -> None:
         for listener in list(self._listeners):
-            listener.detach()
+            listener.detach(self)
         with self._lock:
             if self._closed:
                 return
