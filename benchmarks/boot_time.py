@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import time
 
@@ -22,21 +21,16 @@ GREETING = b"hello: Hello from hello.elf, a PVH guest kernel"
 CMDLINE = "console=ttyS0"
 
 
-def _children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def timed(
     command: list[str], expected_status: int, env: dict[str, str] | None = None
 ) -> dict[str, float]:
-    cpu = _children_cpu_s()
+    cpu = harness.children_cpu_s()
     start = time.perf_counter()
     done = subprocess.run(
         command, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, env=env
     )
     elapsed = time.perf_counter() - start
-    cpu = _children_cpu_s() - cpu
+    cpu = harness.children_cpu_s() - cpu
     if done.returncode != expected_status or GREETING not in done.stdout:
         raise SystemExit(
             f"{command[0]} failed: status {done.returncode}\n{done.stdout.decode()}"

@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import random
+import resource
 import statistics
 import threading
 import time
@@ -374,6 +375,13 @@ def machine_state() -> dict[str, object]:
         },
         "busy_processes": busy_processes(),
     }
+
+
+def children_cpu_s() -> float:
+    """User + system CPU seconds of this process's reaped children (all their
+    threads): the difference around one subprocess is that process's CPU time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---- memory backing ----

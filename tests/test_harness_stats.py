@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -202,3 +203,16 @@ def test_only_the_target_metrics_decide_when_to_stop():
     out = rounds.to_json()
     assert out["ratios"]["b"]["noisy"]["within_precision"] is False
     assert out["method"]["precision_metrics"] == ["steady"]
+
+
+def test_children_cpu_counts_a_reaped_subprocess():
+    before = harness.children_cpu_s()
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.2: pass",
+        ],
+        check=True,
+    )
+    assert harness.children_cpu_s() - before >= 0.19
