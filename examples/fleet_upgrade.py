@@ -7,12 +7,12 @@
 Starts N webkv-v1 nodes on this machine (each its own `pyvmm boot --control`, disk and
 forwarded port, as examples/online_upgrade.py does), drives a light, rate-limited load
 on every node with examples/kvload.py, and runs examples/fleet/upgrade.yml (a canary,
-then all the rest; --all-at-once: one batch; --rolling: rolling.yml, one node at a time)
-with ansible-playbook against them. Then checks every node: failed
-requests, lost writes, longest stall, the version now serving, and prints the fleet
-report. --inject makes the last node's upgrade fail (it rolls back); the other nodes go
-on as the play's failure policy says. --serve only starts the nodes, at the sockets
-examples/fleet/inventory.yml names, and keeps them until Ctrl-C.
+then all the rest; --all-at-once: one batch; --rolling: rolling.yml, one node at a
+time) with ansible-playbook against them. Then checks every node: failed requests,
+lost writes (on its disk, once killed), longest stall, the version now serving, and
+prints the fleet report. --inject makes the last node's upgrade fail (it rolls back);
+the other nodes go on as the play's failure policy says. --serve only starts the
+nodes, at the sockets examples/fleet/inventory.yml names, and keeps them until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -105,9 +105,12 @@ def run_playbook(inventory: Path, workdir: Path, mode: str, forks: int) -> dict:
 
 
 def node_checks(node: Node, load: KvLoad, upgrade: dict) -> dict:
-    """What the clients saw on one node, and what it serves now."""
-    lost = load.lost_writes()
+    """What the clients saw on one node, what it serves now, and what its disk holds
+    once it is killed (SIGKILL: what a fresh boot would recover)."""
+    lost_live = load.lost_writes()
     status = json.loads(node_get(node, "/status"))
+    node.kill()
+    lost = load.lost_on_disk(str(node.disk))
     window = (upgrade.get("monotonic_start"), upgrade.get("monotonic_end"))
     if window[0] is not None:
         during = [s for s in load.samples if s.end >= window[0] and s.start <= window[1]]
@@ -120,7 +123,8 @@ def node_checks(node: Node, load: KvLoad, upgrade: dict) -> dict:
         "upgrade_ms": None if window[0] is None else round(upgrade["total_s"] * 1000, 1),
         "failed_requests": len(load.failures),
         "failures": load.failures[:5],
-        "lost_writes": len(lost),
+        "lost_writes": len(lost),  # on the disk, after SIGKILL
+        "lost_writes_live": len(lost_live),  # asked of the service before the kill
         "acknowledged_writes": len(load.acked),
         "requests": len(load.samples),
         "max_stall_ms": round(longest_stall_ms(during), 3),
