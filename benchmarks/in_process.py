@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -25,6 +26,22 @@ from pyvmm.microvisor import Microvisor, OsInstance
 
 MiB = 1 << 20
 MODES = ("plain", "devirtualized", "virtualized", "virtualized+idle")
+# Both instances busy: "virtualized+busy[@<ms>ms][/<isolation>]", the second instance
+# computing at CPL3 (probe.elf compute), with that slice and isolation mode.
+BUSY = re.compile(r"^virtualized\+busy(?:@(\d+(?:\.\d+)?)ms)?(?:/([a-z-]+))?$")
+
+
+def microvisor_options(mode: str) -> dict[str, object]:
+    """Microvisor keyword arguments a mode asks for (slice, isolation)."""
+    found = BUSY.match(mode)
+    if found is None:
+        return {}
+    options: dict[str, object] = {}
+    if found[1]:
+        options["slice_s"] = float(found[1]) / 1000
+    if found[2]:
+        options["isolation"] = found[2]
+    return options
 
 
 class Capture:
@@ -112,12 +129,16 @@ def bench_run(mode: str, cmdline: str) -> BenchRun:
                 backing.sample()  # before the guest RAM is unmapped
         else:
             with Machine(256 * MiB, partitions=2, console=console, console2=console) as m:
-                mv = Microvisor(m)
+                mv = Microvisor(m, **microvisor_options(mode))  # type: ignore[arg-type]
                 bench = mv.boot(str(KERNELS / "bench.elf"), cmdline)
                 mv.virtualize()  # before the first instruction
                 driver = None
                 if mode == "virtualized+idle":
                     mv.start(str(KERNELS / "probe.elf"), "console=ttyS1 probe=idle", name="b")
+                    _end_when_retired(m, bench)
+                elif BUSY.match(mode):
+                    busy = "console=ttyS1 probe=compute mib=8"
+                    mv.start(str(KERNELS / "probe.elf"), busy, name="b")
                     _end_when_retired(m, bench)
                 elif mode == "devirtualized":
                     driver = threading.Thread(

@@ -112,7 +112,8 @@ int kmain(void)
 	if (!strncmp(action, "user-exit:", 10) || !strncmp(action, "user-exit-rep:", 14) || !strcmp(action, "user-fault") || !strcmp(action, "clock") ||
 	    !strcmp(action, "timer") || !strcmp(action, "syscall") || !strcmp(action, "user-echo-irq") ||
 	    !strcmp(action, "user-map") || !strcmp(action, "idle") || !strcmp(action, "compute") ||
-	    !strcmp(action, "scribble") || !strcmp(action, "irq-count"))
+	    !strcmp(action, "scribble") || !strcmp(action, "irq-count") ||
+	    !strcmp(action, "sweep"))
 		user_run();	/* probe/user/probe_user.c, at CPL3 */
 	if (!strcmp(action, "unemulatable")) {
 		probe_unemulatable();

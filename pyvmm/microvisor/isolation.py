@@ -28,7 +28,8 @@ log = logging.getLogger("pyvmm.microvisor")
 # Which partitions are mapped while an instance runs.
 SYMMETRIC = "symmetric"  # only its own: neither instance can reach the other
 PROTECT_FIRST = "protect-first"  # the instance trusted at virtualize() sees every partition
-ISOLATION_MODES = (SYMMETRIC, PROTECT_FIRST)
+NONE = "none"  # every partition always mapped: no isolation (a baseline for measurements)
+ISOLATION_MODES = (SYMMETRIC, PROTECT_FIRST, NONE)
 
 
 class PartitionSlots:
@@ -49,6 +50,8 @@ class PartitionSlots:
 
     def wanted(self, running: Partition, live: list[Partition]) -> set[int]:
         """The partitions mapped while ``running`` is on the vCPU."""
+        if self.mode == NONE:
+            return {p.index for p in self._memory.partitions}
         if self.mode == PROTECT_FIRST and running == self.trusted:
             return {p.index for p in live} | {running.index}
         return {running.index}

@@ -26,6 +26,12 @@
  *                system call, so it is often at CPL0); the runtime counts (and with irqlog=1 logs)
  *                each handler run in user_info, which the host reads; after
  *                seconds= (default: never) prints the counts and exits 0
+ *   sweep        touches one word in every 4 KiB page of a mib= buffer (default
+ *                32), over and over, timing each page; a page that took over
+ *                gap_us= (default 300) was a switch-out. After gaps= of them
+ *                (default 40) it prints the median sweep and the median extra
+ *                time of the two sweeps around each switch-out (the pages that
+ *                fault in again), in TSC cycles, and exits
  */
 #include "ulib.h"
 
@@ -169,6 +175,67 @@ static int compute(void)
 	return errors ? 1 : 0;
 }
 
+#define SWEEP_MAX_GAPS	256
+
+static void sort_u64(uint64_t *v, unsigned n)
+{
+	for (unsigned i = 1; i < n; i++)
+		for (unsigned j = i; j > 0 && v[j - 1] > v[j]; j--) {
+			uint64_t t = v[j];
+			v[j] = v[j - 1];
+			v[j - 1] = t;
+		}
+}
+
+static int sweep(void)
+{
+	uint64_t pages = uarg_u64("mib", 32) << 8, want = uarg_u64("gaps", 40);
+	uint64_t gap = uarg_u64("gap_us", 300) * uinfo->tsc_khz / 1000;
+	static uint64_t steady[4096], extra[SWEEP_MAX_GAPS];
+	unsigned n_steady = 0, n_extra = 0, after = 0;
+	uint64_t around = 0;
+	volatile uint64_t *buf = ualloc(pages * 4096, 4096);
+
+	if (!buf || !want || want > SWEEP_MAX_GAPS) {
+		uprintf("probe: error=sweep-args\n");
+		return 1;
+	}
+	for (uint64_t p = 0; p < pages; p++)
+		buf[p * 512] = p;
+	while (n_extra < want) {
+		uint64_t busy = 0, t = urdtsc();
+		int gapped = 0;
+
+		for (uint64_t p = 0; p < pages; p++) {
+			uint64_t now;
+
+			buf[p * 512]++;
+			now = urdtsc();
+			if (now - t > gap)
+				gapped = 1;	/* switched out: not the sweep's own time */
+			else
+				busy += now - t;
+			t = now;
+		}
+		if (gapped) {		/* this sweep's rest and the next one's start fault again */
+			around = busy;
+			after = 1;
+		} else if (after) {
+			around += busy;
+			after = 0;
+			if (n_steady)
+				extra[n_extra++] = around;
+		} else if (n_steady < 4096) {
+			steady[n_steady++] = busy;
+		}
+	}
+	sort_u64(steady, n_steady);
+	sort_u64(extra, n_extra);
+	uprintf("probe: sweep pages=%lu sweeps=%u steady_cycles=%lu around_switch_cycles=%lu gaps=%u\n",
+		pages, n_steady, steady[n_steady / 2], extra[n_extra / 2], n_extra);
+	return 0;
+}
+
 #define SCRIBBLE_OFFSET	0x7f8UL
 #define SCRIBBLE_MAGIC	0x5c21bb1e00000000UL	/* | the page number */
 
@@ -279,6 +346,8 @@ int umain(void)
 		return echo_irq();
 	if (!strcmp(action, "compute"))
 		return compute();
+	if (!strcmp(action, "sweep"))
+		return sweep();
 	if (!strcmp(action, "scribble"))
 		return scribble();
 	if (!strcmp(action, "irq-count"))
