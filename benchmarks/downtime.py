@@ -35,6 +35,8 @@ import harness
 from common import report
 from native_anchor import NativeRun, versus_native
 
+from pyvmm.control_client import call
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from kvload import KvLoad, percentile
 from online_upgrade import Node
@@ -56,6 +58,8 @@ def main() -> None:
     totals: list[float] = []
     outcomes: list[str] = []
     rollbacks: list[dict] = []
+    switches: list[int] = []  # world switches per upgrade, each with its memory-slot change
+    isolation: dict = {}
     pinning.apply_measured()  # the node's processes inherit this
     native = NativeRun(args.workdir, args.clients, args.rate, pinning) if args.native else None
     if native:  # first half: about half of pyvmm's run (1 s + ~0.75 s per upgrade)
@@ -67,7 +71,11 @@ def main() -> None:
         version = "v1"
         for _ in range(args.upgrades):
             kernel = "webkv-v2.elf" if version == "v1" else "webkv-v1.elf"
+            before = call(node.control, "status")["switches"]
             result, timeline = node.upgrade(kernel)
+            status = call(node.control, "status")
+            switches.append(status["switches"] - before)
+            isolation = status.get("isolation", {})
             # A rolled-back upgrade is reported and counted; the run goes on.
             outcomes.append(result.get("outcome", "upgraded" if result["ok"] else "rolled_back"))
             if not result["ok"]:
@@ -125,6 +133,10 @@ def main() -> None:
         "baseline_p99_ms": round(percentile(baseline, 0.99), 3),
         "per_upgrade": per_upgrade,
         "upgrade_total_ms_median": round(statistics.median(totals), 1),
+        # What memory isolation can add to an upgrade: its world switches, each with a
+        # slot change (median over the node's life; docs/decisions.md, isolation).
+        "switches_per_upgrade": harness.describe(switches, 1),
+        "isolation": isolation,
         "phase_ms_median": {k: round(statistics.median(v), 2) for k, v in phase_ms.items()},
         "per_upgrade_max_stall_ms": harness.median_ci(stalls, 3),
         "phase_ms": {k: harness.describe(v, 3) for k, v in phase_ms.items()},
@@ -148,7 +160,9 @@ def main() -> None:
         f"failed {result['failed_requests']}, lost {result['lost_writes']} of "
         f"{result['writes_checked']} checked on disk; outcomes {result['outcomes']}; "
         f"upgrade median "
-        f"{result['upgrade_total_ms_median']:.0f} ms"
+        f"{result['upgrade_total_ms_median']:.0f} ms, world switches per upgrade "
+        f"{statistics.median(switches):.0f} (slot change p50 "
+        f"{isolation.get('slot_change_us_p50')} us each)"
         + (f"; {result['vs_native']['summary']}" if native else ""),
     )
 
