@@ -21,6 +21,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -238,7 +239,11 @@ def serve(nodes: int) -> None:
             workdir.mkdir(parents=True, exist_ok=True)
             node = stack.enter_context(Node(str(workdir)))
             print(f"node{i}: {node.control}, webkv on 127.0.0.1:{node.port}", flush=True)
-        print("serving; Ctrl-C stops the nodes", flush=True)
+        print("serving; Ctrl-C (or SIGTERM) stops the nodes", flush=True)
+        # Either signal ends the `with`, which stops every node (a shell may have
+        # started this in the background with SIGINT ignored).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 time.sleep(3600)
