@@ -162,6 +162,13 @@ def upgrade(
             help="a phase time-out: ready, release or acquire (repeatable)",
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="if the old instance hangs in its release, fence it and go on (no rollback)",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Upgrade the running instance online to the kernel given by --to (exit 3: rolled
@@ -170,4 +177,4 @@ def upgrade(
         timeouts = parse_timeouts(timeout)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    raise typer.Exit(run_upgrade(control, to, cmdline, inject, timeouts, as_json))
+    raise typer.Exit(run_upgrade(control, to, cmdline, inject, timeouts, as_json, force))

@@ -60,6 +60,9 @@ def _operations(
         inject = r.get("inject")
         if inject is not None and not isinstance(inject, str):
             raise RequestError("'inject' must be a string")
+        force = r.get("force", False)
+        if not isinstance(force, bool):
+            raise RequestError("'force' must be true or false")
 
         def report(phase: str, state: str, seconds: float) -> None:
             if progress is not None:
@@ -80,6 +83,7 @@ def _operations(
             cmdline,
             timeouts=timeouts,
             inject=inject,
+            force=force,
             progress=report,
         ).run()
 

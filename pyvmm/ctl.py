@@ -131,6 +131,7 @@ def run_upgrade(
     inject: str | None = None,
     timeouts: dict[str, float] | None = None,
     as_json: bool = False,
+    force: bool = False,
 ) -> int:
     """``pyvmm upgrade``: 0 upgraded (also rolled forward: the new version serves, the
     report says what is left), 3 rolled back, 1 the request failed or the node is not
@@ -156,6 +157,8 @@ def run_upgrade(
         arguments["inject"] = inject
     if timeouts:
         arguments["timeouts"] = timeouts
+    if force:
+        arguments["force"] = True
     reply = _send(control, "upgrade", as_json, on_progress=show, **arguments)
     if reply is None:
         return 1

@@ -112,6 +112,7 @@ UPGRADE_OPTIONS: dict[str, tuple[str, type, object]] = {
     "--cmdline": ("cmdline", str, ""),
     "--inject": ("inject", str, None),
     "--timeout": ("timeout", list, None),
+    "--force": ("force", bool, False),
     **JSON_OPTION,
 }
 

@@ -89,9 +89,13 @@ def typer_ctl_call(monkeypatch, argv: list[str]) -> tuple[str, dict[str, object]
         )
         return 0
 
-    def fake_run_upgrade(control, to, cmdline="", inject=None, timeouts=None, as_json=False):
+    def fake_run_upgrade(
+        control, to, cmdline="", inject=None, timeouts=None, as_json=False, force=False
+    ):
         arguments = {"control": control, "to": to, "cmdline": cmdline, "inject": inject}
-        seen.append(("run_upgrade", {**arguments, "timeouts": timeouts, "as_json": as_json}))
+        seen.append(
+            ("run_upgrade", {**arguments, "timeouts": timeouts, "as_json": as_json, "force": force})
+        )
         return 0
 
     monkeypatch.setattr(cli, "run_ctl", fake_run_ctl)
@@ -119,6 +123,7 @@ def typer_ctl_call(monkeypatch, argv: list[str]) -> tuple[str, dict[str, object]
         ["upgrade", "/tmp/n.sock", "--to", "v2.elf"],
         ["upgrade", "/tmp/n.sock", "--to=v2.elf", "--json", "--cmdline", "x=1"],
         ["upgrade", "/tmp/n.sock", "--to", "v2.elf", "--inject", "boot-fails"],
+        ["upgrade", "/tmp/n.sock", "--to", "v2.elf", "--force"],
         ["upgrade", "--timeout", "acquire=2", "/tmp/n.sock", "--to", "k", "--timeout=ready=1.5"],
     ],
 )

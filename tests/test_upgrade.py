@@ -491,3 +491,34 @@ def test_the_agent_arms_faults_that_fire_once(kernels, tmp_path):
         assert "webkv: fault=" not in guest.stdout.split("fault-armed=none")[-1]
         first.close()
         second.close()
+
+
+def test_forced_upgrade_fences_an_old_instance_that_hangs_in_its_release(node):
+    """--force: the release times out (A's agent hangs), and instead of rolling back to
+    A the upgrade fences it (paused, the disk lease moved) and goes on to B."""
+    idle = node.keep_alive()
+    assert status_on(idle)["version"] == "v1"
+    before = leak_counters(node)
+    load = KvLoad(node.port, clients=4).start()
+    time.sleep(0.3)
+    args = ("--inject", "release-timeout", "--timeout", "release=1", "--force")
+    status, report = node.upgrade("v2", *args)
+    time.sleep(0.3)
+    load.stop()
+    result = report["result"]
+    assert status == 0 and result["outcome"] == "upgraded" and result["after"] == "v2", result
+    assert "did not release" in result["forced"] and result["invariant"] == [], result
+    node.guest.expect(r"^webkv: fault=release-hang$", timeout=5)
+    assert not load.failures, load.failures[:5]
+    assert load.reconnects == 0 and len(load.acked) > 0
+    assert status_on(idle)["version"] == "v2"  # A's idle connection went to B
+    assert_known_state(node, before, "b", "upgraded")
+    status, report = node.upgrade("v1")
+    assert status == 0 and report["result"]["outcome"] == "upgraded", report
+    assert node.lost_on_disk(load) == []
+
+
+def test_force_does_not_override_a_refused_release(node):
+    status, report = node.upgrade("v2", "--inject", "release-refused", "--force")
+    assert status == 3 and report["result"]["failed_phase"] == "release", report
+    assert "forced" not in report["result"]

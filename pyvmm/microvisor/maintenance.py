@@ -31,6 +31,11 @@ be stopped) is paused and ``Microvisor.retire_pending`` names it, and
 ``pyvmm ctl NODE devirtualize`` finishes the job. An agent of B that dies after
 ``serving`` changes nothing: its connection is closed like any other.
 
+``force`` (``pyvmm upgrade --force``): an A that hangs in its release (time-out, or
+its agent connection gone) is fenced instead of rolled back to: paused at once, the
+disk lease moved to B (A can write no more), its connections handed to B when it is
+stopped. The report says ``forced``. A release that A *refuses* still rolls back.
+
 Nothing acknowledged is lost: A flushes its log before it reports ``released``, and
 B recovers that log before it reports ``serving``; after a rollback A recovers it
 again when it re-acquires.
@@ -137,6 +142,7 @@ class Upgrade:
         timeouts: dict[str, float] | None = None,
         inject: str | None = None,
         progress: Callable[[str, str, float], None] | None = None,
+        force: bool = False,
     ) -> None:
         if inject is not None and inject not in FAULTS:
             raise PyvmmError(f"unknown fault {inject!r}; one of {', '.join(FAULTS)}")
@@ -154,6 +160,10 @@ class Upgrade:
         self.phase: str | None = None
         self.versions: dict[str, str] = {}
         self._fired = False  # a host fault that fires once has fired
+        # Forced failover: an old instance that hangs in its release (time-out, agent
+        # gone) is fenced and the upgrade goes on, instead of rolling back to it.
+        self.force = force
+        self.forced: str | None = None  # why A was fenced
 
     # --- driver ------------------------------------------------------------------
 
@@ -239,6 +249,8 @@ class Upgrade:
             "after": self.versions.get("b"),
             "instance": self.b.name,
         }
+        if self.forced is not None:
+            result["forced"] = self.forced
         if left is not None:
             reason = self.trouble[-1]
             if self.a is not None and self.a.live:
@@ -351,7 +363,13 @@ class Upgrade:
             listener.detach()  # new connections wait in the listen queue from here on
         self.listeners_moved = True
         self.release_asked = True
-        reply = self.agents["a"].ask("release", self.timeouts["release"], self._a_alive)
+        try:
+            reply = self.agents["a"].ask("release", self.timeouts["release"], self._a_alive)
+        except (TimeoutError, ConnectionError) as exc:
+            if not self.force or not self._a_alive():
+                raise
+            self._fence_a(str(exc))
+            return
         if reply.startswith("refused"):
             why = reply.partition(" ")[2] or "no reason given"
             raise UpgradeFailed("release", f"the old instance refused to release: {why}")
@@ -359,6 +377,15 @@ class Upgrade:
             raise UpgradeFailed("release", f"the old instance answered {reply!r}")
         # A has nothing to do until a rollback: keep it off the vCPU, so B's acquire
         # does not wait for A's slices.
+        self.mv.pause(self.a.name)
+        self.a_paused = True
+
+    def _fence_a(self, why: str) -> None:
+        """--force: A hangs in its release. It is paused at once (it runs no more), and
+        the disk lease moving to B next fences its writes; its client connections go
+        to B when it is stopped (retire), with the requests it took and never answered.
+        Its acknowledged writes are on the disk: it flushes before it answers."""
+        self.forced = f"the old instance did not release ({why}); it was fenced"
         self.mv.pause(self.a.name)
         self.a_paused = True
 
