@@ -206,6 +206,7 @@ class Upgrade:
         self.b: OsInstance | None = None
         self.agents: dict[str, Agent] = {}
         self.disk_moved = self.listeners_moved = self.a_paused = self.release_asked = False
+        self.virtualized_here = False
         self.trouble: list[str] = []  # compensations or late steps that failed
         try:
             try:
@@ -230,7 +231,9 @@ class Upgrade:
         result["invariant"] = problems = invariant_problems(self.mv, self.services)
         if self.trouble:
             result["trouble"] = self.trouble
-        if problems and result["outcome"] == "rolled_back":
+        # A preflight refusal changed nothing: what was wrong before is not its doing.
+        ours = result.get("failed_phase") != "preflight"
+        if result["outcome"] == "rolled_back" and (self.trouble or (problems and ours)):
             result["outcome"] = "failed"  # the rollback did not bring A back whole
         return result
 
@@ -321,6 +324,7 @@ class Upgrade:
     def _virtualize(self) -> None:
         if self.mv.mode != VIRTUALIZED:
             self.mv.virtualize()
+            self.virtualized_here = True
 
     def _boot(self) -> None:
         name = "b" if self.a.name != "b" else "a"
@@ -435,6 +439,8 @@ class Upgrade:
 
     def _roll_back(self) -> None:
         """Before the commit: the service goes back to A (see the table above)."""
+        if self.a is None:
+            return  # refused before anything was done
         self.progress("rollback", "start", 0.0)
         started = time.monotonic()
         a_vsock = self.services.vsocks[self.a.partition.index]
@@ -484,7 +490,9 @@ class Upgrade:
             time.sleep(0.02)
 
     def _devirtualize_if_virtualized(self) -> None:
-        if self.mv.mode == VIRTUALIZED:
+        """Back to A alone, devirtualized; but instances someone else started before
+        this upgrade (it was refused at preflight) are left as they were."""
+        if self.mv.mode == VIRTUALIZED and (self.virtualized_here or len(self.mv.live()) == 1):
             self.mv.devirtualize()
 
     # --- helpers ---------------------------------------------------------------------
