@@ -517,7 +517,12 @@ class Microvisor:
         busy = []
         for name in sorted({*devices, *self._unquiesced.pop(partition, ())}):
             device = self.machine.devices[name].device
-            if not device.quiesce(max(0.0, deadline - time.monotonic())):
+            try:
+                idle = device.quiesce(max(0.0, deadline - time.monotonic()))
+            except Exception:  # a device bug must not end the node; its state is unknown
+                log.exception("%s: quiesce failed", name)
+                idle = False
+            if not idle:
                 busy.append(name)
         if busy:
             self._unquiesced[partition] = set(busy)
