@@ -277,6 +277,10 @@ def test_move_with_held_interrupts_reaches_only_the_new_owner(node):
         node.audit()
         a_log, b_log = node.mv.logs["a"], node.mv.logs["b"]
         node.mv.pause("a")
+        deadline = time.monotonic() + 5
+        while node.mv.current.name != "b":  # a is switched out: its raises are held
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
         before = a_log.counts()[LINE_A]
         for _ in range(3):
             node.line_a.trigger()  # held: a is paused
