@@ -50,6 +50,11 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="parent directory of the disk image")
     parser.add_argument("--pin", action="store_true", help="node and clients on separate CPUs")
     parser.add_argument("--native", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--isolation",
+        default="symmetric",
+        help="the node's memory isolation (none: the baseline without it)",
+    )
     args = parser.parse_args()
     pinning = harness.Pinning.split(args.pin)
     state_before = harness.machine_state()
@@ -64,7 +69,10 @@ def main() -> None:
     native = NativeRun(args.workdir, args.clients, args.rate, pinning) if args.native else None
     if native:  # first half: about half of pyvmm's run (1 s + ~0.75 s per upgrade)
         native.segment((1.0 + 0.75 * args.upgrades) / 2)
-    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir, Node(workdir) as node:
+    with (
+        tempfile.TemporaryDirectory(dir=args.workdir) as workdir,
+        Node(workdir, env={"PYVMM_ISOLATION": args.isolation}) as node,
+    ):
         pinning.apply_load()  # the client threads started next inherit this
         load = KvLoad(node.port, args.clients, rate=args.rate).start()
         time.sleep(1.0)
@@ -135,6 +143,7 @@ def main() -> None:
         "upgrade_total_ms_median": round(statistics.median(totals), 1),
         # What memory isolation can add to an upgrade: its world switches, each with a
         # slot change (median over the node's life; docs/decisions.md, isolation).
+        "isolation_mode": args.isolation,
         "switches_per_upgrade": harness.describe(switches, 1),
         "isolation": isolation,
         "phase_ms_median": {k: round(statistics.median(v), 2) for k, v in phase_ms.items()},

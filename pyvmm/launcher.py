@@ -210,11 +210,15 @@ def _run_armed(
     control: str,
     services: ServiceDevices | None,
 ) -> RunResult:
+    from os import environ
+
     from .console import start_stdin_feeder
     from .control import ControlServer
     from .microvisor import Microvisor
 
-    microvisor = Microvisor(machine)
+    # PYVMM_ISOLATION=none|protect-first is for measuring what isolation costs
+    # (benchmarks/downtime.py --isolation); the default is symmetric.
+    microvisor = Microvisor(machine, isolation=environ.get("PYVMM_ISOLATION", "symmetric"))
     microvisor.boot(kernel, cmdline)
     start_stdin_feeder(machine.com1)
     server = ControlServer(control, microvisor, services)

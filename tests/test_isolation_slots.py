@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from pyvmm.memory import GuestMemory
-from pyvmm.microvisor.isolation import PROTECT_FIRST, PartitionSlots, RefusalLog
+from pyvmm.microvisor.isolation import NONE, PROTECT_FIRST, PartitionSlots, RefusalLog
 
 MiB = 1 << 20
 
@@ -69,6 +69,21 @@ def test_protect_first_maps_everything_for_the_trusted_instance_only(memory):
     vm.calls.clear()
     slots.enter(a, [a, b])
     assert [c[:2] for c in vm.calls] == [("create", 0)]
+
+
+def test_devirtualized_only_the_survivors_slot_stays_but_in_mode_none(memory):
+    a, b = memory.partitions
+    vm = FakeVm()
+    slots = PartitionSlots(vm, memory, PROTECT_FIRST)  # type: ignore[arg-type]
+    slots.trusted = a
+    slots.enter(a, [a, b])
+    slots.alone(b)
+    assert slots.mapped == {1}
+    vm = FakeVm()
+    slots = PartitionSlots(vm, memory, NONE)  # type: ignore[arg-type]
+    slots.enter(b, [a, b])
+    slots.alone(a)
+    assert slots.mapped == {0, 1} and vm.calls == []
 
 
 def test_unknown_isolation_mode_is_refused(memory):

@@ -56,6 +56,11 @@ class PartitionSlots:
             return {p.index for p in live} | {running.index}
         return {running.index}
 
+    def alone(self, survivor: Partition) -> None:
+        """Map what the survivor of a devirtualize keeps: its own partition (every
+        partition in mode none); slots then stay as they are."""
+        self.map_only(self.wanted(survivor, [survivor]))
+
     def enter(self, running: Partition, live: list[Partition]) -> None:
         """Map exactly what ``running`` may reach; vCPU thread, vCPU outside KVM_RUN."""
         self.map_only(self.wanted(running, live))

@@ -394,7 +394,7 @@ class Microvisor:
             if survivor is not self.current:
                 self._switch(survivor)
             self.router.detach()
-        self.slots.map_only({survivor.partition.index})  # and so it stays, devirtualized
+        self.slots.alone(survivor.partition)  # and so it stays, devirtualized
         for instance in self.instances.values():
             instance.refusals.flush()
         self.machine.pio, self.machine.mmio = self._node_pio_bus, self._node_mmio_bus
