@@ -49,10 +49,18 @@ def boot(
             "port (repeatable)"
         ),
     ] = None,
+    device_backends: Annotated[
+        str,
+        typer.Option(
+            help="where the disk's back-end runs: thread (in the VMM) or process "
+            "(vhost-user; such a node cannot be virtualized)"
+        ),
+    ] = "thread",
 ) -> None:
     """Boot KERNEL on one vCPU. The guest console is this process's stdin/stdout, and
     the process exits with the code the guest writes to the debug-exit port (0xf4)."""
-    raise typer.Exit(run_boot(kernel, mem, cmdline, timeout, control, disk, forward))
+    status = run_boot(kernel, mem, cmdline, timeout, control, disk, forward, device_backends)
+    raise typer.Exit(status)
 
 
 # --- pyvmm ctl PATH ... ------------------------------------------------------------------

@@ -153,12 +153,14 @@ def run_boot(
     control: str | None = None,
     disk: str | None = None,
     forward: list[str] | None = None,
+    device_backends: str = "thread",
 ) -> int:
     """``pyvmm boot``: returns the process exit status.
 
     With ``control``, the node is armed for maintenance: a spare partition of the
     same size, a vsock device per partition and a control socket. ``disk`` and
-    ``forward`` add the service devices (virtio-blk, host ports to guest vsock ports).
+    ``forward`` add the service devices (virtio-blk, host ports to guest vsock ports);
+    ``device_backends="process"`` serves the disk from back-end processes (vhost-user).
     """
     try:
         size = parse_size(mem)
@@ -172,15 +174,19 @@ def run_boot(
     from .errors import EX_SOFTWARE, PyvmmError
     from .machine import Machine
 
+    if device_backends not in ("thread", "process"):
+        error(f"--device-backends {device_backends!r}: thread or process")
+        return EX_USAGE
     partitions = 2 if control else 1
     services = None
+    shared = device_backends == "process"
     try:
-        with Machine(size * partitions, partitions=partitions) as machine:
+        with Machine(size * partitions, partitions=partitions, shared_memory=shared) as machine:
             if control or disk or forward:
                 from .node import add_service_devices, parse_forward
 
                 forwards = tuple(parse_forward(f) for f in forward or ())
-                services = add_service_devices(machine, disk, forwards)
+                services = add_service_devices(machine, disk, forwards, device_backends)
             if control:
                 result = _run_armed(machine, kernel, cmdline, timeout, control, services)
             else:

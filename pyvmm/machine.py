@@ -32,7 +32,7 @@ from .devices.uart import COM1, COM1_IRQ, COM2, COM2_IRQ, UART_PORTS, Uart16550
 from .errors import EX_SOFTWARE, EX_TIMEOUT, BootError
 from .kvm import Kvm, install_kick_handler
 from .lines import IrqfdLine, IrqLine, NotifyPoller
-from .memory import GuestMemory
+from .memory import GuestMemory, choose_backing
 from .record import Record
 
 # Pages KVM needs for real-mode emulation on Intel; kept just below the LAPIC.
@@ -89,7 +89,6 @@ VIRTIO_QUEUE_NOTIFY = 0x050
 _COMPLETED_AT_NEXT_RUN = (n.KVM_EXIT_IO, n.KVM_EXIT_MMIO)
 
 
-
 class Machine:
     def __init__(
         self,
@@ -97,21 +96,26 @@ class Machine:
         partitions: int = 1,
         console: Callable[[bytes], None] | None = None,
         console2: Callable[[bytes], None] | None = None,
+        shared_memory: bool = False,
     ) -> None:
+        """``shared_memory``: guest RAM must be a memfd back-end processes can map."""
         self._closed = False
         self.kvm = Kvm()
+        # Why the node cannot be virtualized (device back-ends in other processes), or "".
+        self.no_virtualize_reason = ""
         try:
-            self._build(mem_size, partitions, console, console2)
+            self._build(mem_size, partitions, console, console2, shared_memory)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, mem_size: int, partitions: int, console, console2) -> None:
+    def _build(self, mem_size: int, partitions: int, console, console2, shared: bool) -> None:
         self.kvm.require()
         self.vm = self.kvm.create_vm()
         self.vm.set_tss_addr(TSS_ADDR)
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        self.memory = GuestMemory(mem_size, partitions)
+        backing = choose_backing(mem_size, shared=True) if shared else None
+        self.memory = GuestMemory(mem_size, partitions, backing)
         for slot in self.memory.slots():
             self.vm.set_user_memory_region(slot.slot, slot.gpa, slot.size, slot.host_address)
         self.vm.create_irqchip()
@@ -176,15 +180,14 @@ class Machine:
         self.devices[name] = attachment
         return attachment
 
-    def attach_virtio(
-        self, name: str, backend: object, partition: int | None = None
-    ) -> Attachment:
+    def attach_virtio(self, name: str, backend: object, partition: int | None = None) -> Attachment:
         """A virtio-mmio device in the next window, with the next interrupt pin;
         announced only to ``partition``'s instance if one is given.
 
         Queue notifications arrive through ioeventfds (one per queue, matched on the
         queue index) and interrupts leave through an irqfd: a busy device costs the
-        vCPU no exit.
+        vCPU no exit. A back-end with ``kick_fds`` (one in another process) gets the
+        ioeventfds themselves: KVM signals it directly.
         """
         from .devices.virtio import VirtioMmioTransport
 
@@ -194,10 +197,16 @@ class Machine:
         base, gsi = VIRTIO_MMIO_BASE + index * VIRTIO_WINDOW, VIRTIO_GSIS[index]
         line = IrqfdLine(self.vm, gsi)
         transport = VirtioMmioTransport(self.memory, backend, line, name)  # type: ignore[arg-type]
-        if self._notify_poller is None:
-            self._notify_poller = NotifyPoller()
-        for queue in range(len(transport.queues)):
-            self._notify_poller.add(self.vm, base + VIRTIO_QUEUE_NOTIFY, queue, transport.notify)
+        kick_fds = getattr(backend, "kick_fds", None)
+        if kick_fds is not None:
+            for queue, fd in enumerate(kick_fds):
+                self.vm.ioeventfd(fd, base + VIRTIO_QUEUE_NOTIFY, 4, datamatch=queue)
+        else:
+            if self._notify_poller is None:
+                self._notify_poller = NotifyPoller()
+            for queue in range(len(transport.queues)):
+                notify = transport.notify
+                self._notify_poller.add(self.vm, base + VIRTIO_QUEUE_NOTIFY, queue, notify)
         self.virtio[name] = (base, gsi)
         window = ((base, VIRTIO_WINDOW),)
         return self.attach(name, transport, mmio=window, irqs=(line,), partition=partition)

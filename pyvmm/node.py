@@ -6,6 +6,11 @@ as ``blkN``: one image with a front-end per partition under a write lease (see
 ``devices.virtio.blk``), held by partition 0 at first. Handing the disk over moves the
 lease, not a device, so a standby instance has its driver set up and can read the
 disk before it owns it. Forwarded ports start on ``vsock0``.
+
+With ``backends="process"`` each disk front-end is served by a back-end process
+(``pyvmm.backends.blk``, vhost-user) mapping only its partition; partition 0's holds
+the write lease and the others' are fenced. The lease cannot move between processes
+yet, so such a node refuses to be virtualized (and so to be upgraded).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ if TYPE_CHECKING:
     from .devices.virtio.blk_journal import WriteJournal
 
 FIRST_GUEST_CID = 3
+DEVICE_BACKENDS = ("thread", "process")
 # Set to a path: the disk's writes and flushes are recorded there (blk_journal.py), so
 # a checker can rebuild the image as a power cut at any moment would leave it.
 DISK_JOURNAL_ENV = "PYVMM_DISK_JOURNAL"
@@ -59,6 +65,15 @@ class ServiceDevices:
         self.lease: WriteLease | None = None  # which of them may write
         self.listeners: list[HostListener] = []  # on vsock0 at first
         self.journal: WriteJournal | None = None
+        self.backends = "thread"  # or "process": the disk front-ends' back-ends
+
+    def backend_status(self) -> dict[str, object]:
+        """Each back-end process (pid, alive, exit status, error); {} with threads."""
+        return {
+            f"blk{i}": disk.describe()  # type: ignore[attr-defined]
+            for i, disk in enumerate(self.disks)
+            if hasattr(disk, "describe")
+        }
 
     def disk_writer(self) -> int | None:
         """The partition whose front-end may write the disk."""
@@ -68,6 +83,8 @@ class ServiceDevices:
     def give_disk(self, partition: int) -> None:
         """Move the write lease; returns once the previous writer can write no more."""
         assert self.lease is not None
+        if self.backends == "process" and self.disks[partition] is not self.lease.holder:
+            raise UsageError("the disk's write lease cannot move between back-end processes")
         self.lease.grant(self.disks[partition])
 
     def close(self) -> None:
@@ -78,12 +95,18 @@ class ServiceDevices:
 
 
 def add_service_devices(
-    machine: Machine, disk: str | None = None, forwards: tuple[Forward, ...] = ()
+    machine: Machine,
+    disk: str | None = None,
+    forwards: tuple[Forward, ...] = (),
+    backends: str = "thread",
 ) -> ServiceDevices:
     from .devices.virtio import VirtioBlk, VirtioVsock
     from .devices.virtio.blk import WriteLease
 
+    if backends not in DEVICE_BACKENDS:
+        raise UsageError(f"--device-backends {backends!r}: one of {', '.join(DEVICE_BACKENDS)}")
     devices = ServiceDevices()
+    devices.backends = backends
     for partition in machine.memory.partitions:
         vsock = VirtioVsock(FIRST_GUEST_CID + partition.index)
         machine.attach_virtio(f"vsock{partition.index}", vsock, partition.index)
@@ -91,11 +114,13 @@ def add_service_devices(
     if disk is not None:
         devices.lease = lease = WriteLease()
         journal = None
-        if os.environ.get(DISK_JOURNAL_ENV):  # power-cut checks (blk_journal.py)
+        if backends == "process":
+            _add_process_disks(machine, disk, devices)
+        elif os.environ.get(DISK_JOURNAL_ENV):  # power-cut checks (blk_journal.py)
             from .devices.virtio.blk_journal import WriteJournal
 
             journal = devices.journal = WriteJournal(os.environ[DISK_JOURNAL_ENV])
-        for partition in machine.memory.partitions:
+        for partition in machine.memory.partitions if backends == "thread" else ():
             try:
                 backend = VirtioBlk(disk, lease=lease, journal=journal)
             except OSError as exc:
@@ -111,3 +136,26 @@ def add_service_devices(
             raise UsageError(f"--forward {forward}: {exc.strerror or exc}") from None
         devices.listeners.append(listener)
     return devices
+
+
+def _add_process_disks(machine: Machine, disk: str, devices: ServiceDevices) -> None:
+    """One back-end process per partition's front-end, each mapping that partition."""
+    from .backends.process import BackendError, ProcessBlk
+
+    if os.environ.get(DISK_JOURNAL_ENV):
+        raise UsageError(f"{DISK_JOURNAL_ENV} needs --device-backends thread")
+    if not os.path.isfile(disk):
+        raise UsageError(f"--disk {disk}: not a file")
+    machine.no_virtualize_reason = (
+        "device back-ends run in their own processes (--device-backends process): "
+        "routing their interrupts to an owner is not supported yet"
+    )
+    for partition in machine.memory.partitions:
+        name = f"blk{partition.index}"
+        window = (partition.base, partition.size)
+        try:
+            backend = ProcessBlk(machine.memory, window, disk, name, fenced=partition.index != 0)
+        except (BackendError, OSError) as exc:
+            raise UsageError(f"--disk {disk}: {name}: {exc}") from None
+        machine.attach_virtio(name, backend, partition.index)
+        devices.disks.append(backend)  # type: ignore[arg-type]

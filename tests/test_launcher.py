@@ -12,7 +12,9 @@ from pyvmm import cli, launcher
 def typer_boot_arguments(monkeypatch, argv: list[str]) -> dict[str, object] | None:
     seen: dict[str, object] = {}
 
-    def fake_run_boot(kernel, mem, cmdline, timeout, control, disk=None, forward=None):
+    def fake_run_boot(
+        kernel, mem, cmdline, timeout, control, disk=None, forward=None, device_backends="thread"
+    ):
         seen.update(kernel=kernel, mem=mem, cmdline=cmdline, timeout=timeout, control=control)
         return 0
 
@@ -60,7 +62,7 @@ def test_options_mirror_the_typer_command():
     boot = command.commands["boot"]  # type: ignore[attr-defined]
     params = {p.name: p for p in boot.params if p.param_type_name == "option"}
     # Options for service devices always take the typer path (parse_boot_args refuses them).
-    typer_only = {"disk", "forward"}
+    typer_only = {"disk", "forward", "device_backends"}
     assert set(params) == {name for name, _, _ in launcher.BOOT_OPTIONS.values()} | typer_only
     for option, (name, _, default) in launcher.BOOT_OPTIONS.items():
         assert option in params[name].opts

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 from harness import GuestProcess
@@ -25,7 +28,9 @@ def free_port() -> int:
 
 
 class WebKv:
-    def __init__(self, kernels, disk, version: str = "v1") -> None:
+    def __init__(
+        self, kernels, disk, version: str = "v1", backends: str = "thread", *extra: str
+    ) -> None:
         self.port = free_port()
         args = [
             "boot",
@@ -40,6 +45,9 @@ class WebKv:
             "console=ttyS0 name=test",
             "--timeout",
             "300",
+            "--device-backends",
+            backends,
+            *extra,
         ]
         self.guest = GuestProcess(args)
         self.guest.expect(r"webkv: ready", timeout=30)
@@ -69,8 +77,10 @@ def disk(tmp_path):
 
 
 @pytest.fixture
-def webkv(kernels, disk):
-    service = WebKv(kernels, disk)
+def webkv(kernels, disk, request):
+    """The service; ``parametrize("webkv", ["process"], indirect=True)`` serves its disk
+    from a back-end process (vhost-user) instead of a VMM thread."""
+    service = WebKv(kernels, disk, backends=getattr(request, "param", "thread"))
     yield service
     service.stop()
 
@@ -81,7 +91,11 @@ def curl(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+BACKENDS = pytest.mark.parametrize("webkv", ["thread", "process"], indirect=True)
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@BACKENDS
 def test_curl_put_get_delete_status(webkv):
     base = f"http://127.0.0.1:{webkv.port}"
     put = curl(webkv.port, "-X", "PUT", "--data-binary", "hello world", f"{base}/kv/greeting")
@@ -99,6 +113,7 @@ def test_curl_put_get_delete_status(webkv):
     assert curl(webkv.port, f"{base}/").stdout.splitlines()[-1] == "200"
 
 
+@BACKENDS
 def test_100_concurrent_keepalive_clients(webkv):
     errors: list[str] = []
 
@@ -188,15 +203,16 @@ def test_half_closed_and_abandoned_connections_do_not_block_others(webkv):
     partial.close()
 
 
-def test_state_survives_a_restart(kernels, disk):
-    first = WebKv(kernels, disk)
+@pytest.mark.parametrize("backends", ["thread", "process"])
+def test_state_survives_a_restart(kernels, disk, backends):
+    first = WebKv(kernels, disk, backends=backends)
     try:
         for i in range(50):
             assert first.request("PUT", f"/kv/key{i}", f"value{i}".encode())[0] in (200, 201, 204)
         assert first.request("DELETE", "/kv/key7")[0] in (200, 204)
     finally:
         first.stop()  # killed: only what was flushed before each reply may count
-    second = WebKv(kernels, disk)
+    second = WebKv(kernels, disk, backends=backends)
     try:
         assert second.request("GET", "/kv/key0") == (200, b"value0")
         assert second.request("GET", "/kv/key49") == (200, b"value49")
@@ -242,3 +258,71 @@ def test_v2_adds_prefix_listing(kernels, disk, version):
         assert json.loads(service.request("GET", "/status")[1])["version"] == version
     finally:
         service.stop()
+
+
+def control_request(path: str, payload: dict) -> dict:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(json.dumps(payload).encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return json.loads(data.splitlines()[-1])
+
+
+def test_a_killed_disk_back_end_process_is_reported_within_1s(kernels, disk, tmp_path):
+    control = str(tmp_path / "node.sock")
+    service = WebKv(kernels, disk, "v1", "process", "--control", control)
+    try:
+        status = control_request(control, {"op": "status"})["result"]
+        backends = status["device_backends"]
+        assert set(backends) == {"blk0", "blk1"} and all(b["alive"] for b in backends.values())
+        refused = control_request(control, {"op": "virtualize"})
+        assert not refused["ok"] and "own processes" in refused["error"]
+        assert control_request(control, {"op": "status"})["result"]["mode"] == "devirtualized"
+
+        stop = threading.Event()
+        acked: list[int] = []
+
+        def load() -> None:  # PUTs in flight while the back-end dies
+            i = 0
+            while not stop.is_set():
+                try:
+                    if service.request("PUT", f"/kv/k{i}", b"v")[0] in (200, 201, 204):
+                        acked.append(i)
+                except OSError:
+                    return
+                i += 1
+
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+        while len(acked) < 20:
+            threading.Event().wait(0.01)
+        os.kill(backends["blk0"]["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        while True:
+            blk0 = control_request(control, {"op": "status"})["result"]["device_backends"]["blk0"]
+            if not blk0["alive"] or time.monotonic() - killed > 5:
+                break
+        assert not blk0["alive"] and time.monotonic() - killed < 1.0
+        assert blk0["exit_status"] == -signal.SIGKILL and "exited" in blk0["error"]
+        stop.set()
+        thread.join(40)  # the guest sees NEEDS_RESET; the requests end, none hangs
+        assert not thread.is_alive()
+        other = backends["blk1"]["pid"]
+    finally:
+        service.stop()
+    # the remaining back-end dies with the VMM (PR_SET_PDEATHSIG)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{other}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{other}")
+    # no write acknowledged before the death is lost
+    after = WebKv(kernels, disk)
+    try:
+        missing = [i for i in acked if after.request("GET", f"/kv/k{i}") != (200, b"v")]
+    finally:
+        after.stop()
+    assert not missing and len(acked) >= 20

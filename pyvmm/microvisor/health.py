@@ -38,6 +38,7 @@ def node_status(mv: Microvisor, services: ServiceDevices | None = None) -> dict[
     status.update(mv.status())
     status["virtualized_reason"] = mv.virtualized_reason
     status["service"] = service_status(mv, services)
+    status["device_backends"] = {} if services is None else services.backend_status()
     status["last_upgrade"] = mv.last_upgrade
     status["resources"] = resources(services)
     status["invariant"] = invariant_problems(mv, services)

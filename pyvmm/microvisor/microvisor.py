@@ -366,6 +366,8 @@ class Microvisor:
     def _virtualize(self) -> None:
         if self.mode == VIRTUALIZED:
             raise MicrovisorError("already virtualized")
+        if self.machine.no_virtualize_reason:
+            raise MicrovisorError(f"cannot virtualize: {self.machine.no_virtualize_reason}")
         if self.current is None:
             raise MicrovisorError("no instance is running")
         for instance in self.live():

@@ -56,6 +56,23 @@ _IOV_MAX = 1024
 RESET_TIMEOUT_S = 5.0  # how long a driver's reset waits for the request in progress
 
 
+def blk_features(read_only: bool) -> int:
+    """The feature bits a disk offers (the in-process device and the back-end process)."""
+    return (
+        VIRTIO_F_VERSION_1
+        | VIRTIO_F_INDIRECT_DESC
+        | VIRTIO_BLK_F_FLUSH
+        | VIRTIO_BLK_F_SEG_MAX
+        | (VIRTIO_BLK_F_RO if read_only else 0)
+    )
+
+
+def blk_config(capacity: int, queue_size: int) -> bytes:
+    """The configuration space: capacity, size_max (not offered), seg_max (two
+    descriptors are header and status)."""
+    return struct.pack("<QII", capacity, 0, queue_size - 2) + bytes(16)
+
+
 class WriteLease:
     """Which front-end of a shared image may write it."""
 
@@ -90,13 +107,7 @@ class VirtioBlk(VirtioBackend):
         name = serial if serial is not None else os.path.basename(path)
         self.serial = name.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
         self.queue_sizes = (queue_size,)
-        self.features = (
-            VIRTIO_F_VERSION_1
-            | VIRTIO_F_INDIRECT_DESC
-            | VIRTIO_BLK_F_FLUSH
-            | VIRTIO_BLK_F_SEG_MAX
-            | (VIRTIO_BLK_F_RO if read_only else 0)
-        )
+        self.features = blk_features(read_only)
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -106,8 +117,7 @@ class VirtioBlk(VirtioBackend):
         self.requests = 0
 
     def config(self) -> bytes:
-        # capacity, size_max (not offered), seg_max (two descriptors are header/status)
-        return struct.pack("<QII", self.capacity, 0, self.queue_sizes[0] - 2) + bytes(16)
+        return blk_config(self.capacity, self.queue_sizes[0])
 
     # --- transport interface ---------------------------------------------------------
 

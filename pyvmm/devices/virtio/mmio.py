@@ -118,6 +118,7 @@ class VirtioMmioTransport(Device):
         self._irq_lock = threading.Lock()
         self.config_generation = 0
         self.interrupts = 0  # triggers sent, for tests and statistics
+        self._bypass = bool(getattr(backend, "interrupts_bypass_vmm", False))
         self._reset_registers()
 
     def _reset_registers(self) -> None:
@@ -250,7 +251,9 @@ class VirtioMmioTransport(Device):
         if offset == QUEUE_READY:
             return int(queue is not None and queue.ready)
         if offset == INTERRUPT_STATUS:
-            return self.interrupt_status
+            # A back-end in another process interrupts through the irqfd and the VMM
+            # never sees it: report the used-buffer bit always (as Firecracker does).
+            return self.interrupt_status | (INT_USED_BUFFER if self._bypass else 0)
         if offset == STATUS:
             return self.status | (STATUS_NEEDS_RESET if self.needs_reset else 0)
         if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):

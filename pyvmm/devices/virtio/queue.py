@@ -157,6 +157,18 @@ class Virtqueue:
             self.ready = True
         return None
 
+    def start_at(self, next_avail: int, used_idx: int) -> None:
+        """Continue a ring another device instance served (a vhost-user back-end told
+        SET_VRING_BASE): the next available entry to take and used.idx as it stands."""
+        with self._lock:
+            self._last_avail = next_avail & 0xFFFF
+            self._used_idx = used_idx & 0xFFFF
+
+    @property
+    def next_avail(self) -> int:
+        """The next available entry the device would take (GET_VRING_BASE)."""
+        return self._last_avail
+
     def disable(self) -> None:
         with self._lock:
             self.generation += 1

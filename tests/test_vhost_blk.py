@@ -1,0 +1,231 @@
+"""virtio-blk served by its back-end process (pyvmm.backends.blk) through vhost-user,
+driven by the Python test driver over the VMM's virtio-mmio transport. Guest RAM is
+a memfd the back-end maps; kicks and interrupts are eventfds, as KVM's would be."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import threading
+import time
+
+import pytest
+from test_virtio_driver import GuestDriver, no_backend_crash  # noqa: F401
+
+from pyvmm.backends.process import ProcessBlk
+from pyvmm.devices.virtio import blk as b
+from pyvmm.devices.virtio import mmio as m
+from pyvmm.devices.virtio import queue as q
+from pyvmm.memory import MEMFD_4K, GuestMemory, MiB
+
+SECTORS = 256
+MEM = 32 * MiB
+
+
+class EventfdIrq:
+    """An interrupt line as an eventfd, as the machine's irqfd is."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.count = 0
+
+    def trigger(self) -> None:
+        self.count += 1
+        os.eventfd_write(self.fd, 1)
+
+    def take(self) -> int:
+        try:
+            return os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return 0
+
+
+def header(kind: int, sector: int = 0) -> bytes:
+    return struct.pack("<IIQ", kind, 0, sector)
+
+
+@pytest.fixture
+def disk(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * (SECTORS * 2))
+    return path
+
+
+def make_driver(disk, window=(0, MEM), fenced=False):
+    mem = GuestMemory(MEM, backing=MEMFD_4K)
+    backend = ProcessBlk(mem, window, str(disk), "blk-test", fenced=fenced)
+    irq = EventfdIrq()
+    transport = m.VirtioMmioTransport(mem, backend, irq, "blk-test")
+    drv = GuestDriver(backend, mem, transport)
+    drv.irq = irq
+    return drv
+
+
+@pytest.fixture
+def blk(disk):
+    drv = make_driver(disk)
+    (vq,) = drv.start()
+    yield drv, vq
+    drv.close()
+    drv.backend.close()
+
+
+def request(vq, segments, indirect=False):
+    head = vq.post_indirect(segments) if indirect else vq.post(segments)
+    ((used_head, length),) = vq.wait_used()
+    assert used_head == head
+    return head, length, vq.read_writable(head, length) if not indirect else None
+
+
+def test_identity_config_and_a_separate_process(blk, disk):
+    drv, _ = blk
+    assert drv.rd(m.DEVICE_ID) == 2
+    assert drv.rd(m.CONFIG, 8) == SECTORS
+    assert drv.backend.process.pid != os.getpid() and drv.backend.process.alive
+    assert drv.device_features() & b.VIRTIO_BLK_F_FLUSH
+
+
+def test_read_write_flush_get_id_through_the_process(blk, disk):
+    drv, vq = blk
+    _, length, data = request(vq, [header(b.VIRTIO_BLK_T_IN, 3), 1024, 1])
+    assert length == 1025 and data[-1] == b.VIRTIO_BLK_S_OK
+    assert data[:-1] == disk.read_bytes()[3 * 512 : 5 * 512]
+    payload = os.urandom(4096 * 3)
+    chunks = [payload[i : i + 4096] for i in range(0, len(payload), 4096)]
+    _, length, data = request(vq, [header(b.VIRTIO_BLK_T_OUT, 10), *chunks, 1])
+    assert data == bytes([b.VIRTIO_BLK_S_OK])
+    assert disk.read_bytes()[10 * 512 : 10 * 512 + len(payload)] == payload
+    _, _, data = request(vq, [header(b.VIRTIO_BLK_T_FLUSH), 1])
+    assert data == bytes([b.VIRTIO_BLK_S_OK])
+    _, _, data = request(vq, [header(b.VIRTIO_BLK_T_GET_ID), 20, 1])
+    assert data[:-1].rstrip(b"\0") == b"disk.img"
+    _, length, _ = request(vq, [header(b.VIRTIO_BLK_T_OUT, 20), payload[:1024], 1], indirect=True)
+    assert length == 1 and disk.read_bytes()[20 * 512 : 22 * 512] == payload[:1024]
+    # interrupts went straight to the eventfd, not through the transport
+    assert drv.irq.take() >= 1 and drv.transport.interrupts == 0
+    assert drv.rd(m.INTERRUPT_STATUS) & m.INT_USED_BUFFER  # reported always (documented)
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [
+        [header(b.VIRTIO_BLK_T_IN, SECTORS), 512, 1],  # past the end
+        [header(b.VIRTIO_BLK_T_OUT, 0), b"x" * 100, 1],  # not whole sectors
+        [b"\0" * 8, 1],  # short header
+    ],
+)
+def test_bad_requests_are_ioerr(blk, segments):
+    _, vq = blk
+    _, _, data = request(vq, segments)
+    assert data[-1] == b.VIRTIO_BLK_S_IOERR
+
+
+def test_malformed_descriptor_is_dropped_and_the_back_end_goes_on(blk):
+    drv, vq = blk
+    slot = vq.free.pop()
+    vq.write_desc(slot, drv.mem.size - 16, 4096, 0)  # runs off the end of RAM
+    vq.chains[slot] = [slot]
+    vq.publish(slot)
+    vq.kick()
+    assert vq.wait_used() == [(slot, 0)]
+    _, _, data = request(vq, [header(b.VIRTIO_BLK_T_IN, 0), 512, 1])
+    assert data[-1] == b.VIRTIO_BLK_S_OK
+
+
+def test_dma_is_confined_to_the_memory_table(disk):
+    # The back-end is given only the upper half of RAM: a buffer in the lower half
+    # (where the driver's own arena starts) cannot be reached, even if the VMM's
+    # transport lets the rings through.
+    drv = make_driver(disk, window=(MEM // 2, MEM // 2))
+    drv._next = MEM // 2 + 0x10000
+    try:
+        (vq,) = drv.start()
+        slot_hdr, slot_buf, slot_st = vq.free.pop(), vq.free.pop(), vq.free.pop()
+        drv.mem.write(vq.buf(slot_hdr), header(b.VIRTIO_BLK_T_IN, 0))
+        vq.write_desc(slot_hdr, vq.buf(slot_hdr), 16, q.VIRTQ_DESC_F_NEXT, slot_buf)
+        vq.write_desc(slot_buf, 0x1000, 512, q.VIRTQ_DESC_F_WRITE | q.VIRTQ_DESC_F_NEXT, slot_st)
+        vq.write_desc(slot_st, vq.buf(slot_st), 1, q.VIRTQ_DESC_F_WRITE)
+        drv.mem.fill(0x1000, 512, 0xAA)
+        vq.chains[slot_hdr] = [slot_hdr, slot_buf, slot_st]
+        vq.publish(slot_hdr)
+        vq.kick()
+        assert vq.wait_used() == [(slot_hdr, 0)]  # dropped
+        assert drv.mem.read(0x1000, 512) == b"\xaa" * 512
+    finally:
+        drv.close()
+        drv.backend.close()
+
+
+def test_fenced_front_end_cannot_write(disk):
+    drv = make_driver(disk, fenced=True)
+    try:
+        (vq,) = drv.start()
+        _, _, data = request(vq, [header(b.VIRTIO_BLK_T_OUT, 0), b"y" * 512, 1])
+        assert data == bytes([b.VIRTIO_BLK_S_IOERR])
+        _, _, data = request(vq, [header(b.VIRTIO_BLK_T_IN, 0), 512, 1])
+        assert data[-1] == b.VIRTIO_BLK_S_OK
+    finally:
+        drv.close()
+        drv.backend.close()
+
+
+def test_queue_ready_0_and_reset_stop_the_ring_and_it_restarts(blk, disk):
+    drv, vq = blk
+    request(vq, [header(b.VIRTIO_BLK_T_IN, 0), 512, 1])
+    drv.wr(m.QUEUE_SEL, 0)
+    drv.wr(m.QUEUE_READY, 0)  # GET_VRING_BASE, answered
+    assert drv.rd(m.QUEUE_READY) == 0 and not drv.needs_reset()
+    (vq,) = drv.start()  # reset, then a new session with new rings
+    _, _, data = request(vq, [header(b.VIRTIO_BLK_T_IN, 1), 512, 1])
+    assert data[:-1] == disk.read_bytes()[512:1024]
+    assert not drv.backend.error
+
+
+def test_a_killed_back_end_is_noticed_within_1s_and_cannot_hang_the_vcpu(blk):
+    drv, vq = blk
+    stop = threading.Event()
+
+    def load() -> None:  # requests in flight while it dies
+        while not stop.is_set():
+            try:
+                vq.post([header(b.VIRTIO_BLK_T_IN, 0), 512, 1])
+                vq.wait_used(timeout=0.5)
+            except (TimeoutError, RuntimeError):
+                pass
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    killed = time.monotonic()
+    os.kill(drv.backend.process.pid, signal.SIGKILL)
+    while drv.backend.process.alive and time.monotonic() - killed < 5:
+        time.sleep(0.01)
+    noticed = time.monotonic() - killed
+    stop.set()
+    thread.join(5)
+    assert not drv.backend.process.alive and noticed < 1.0
+    assert drv.needs_reset()  # the driver is told
+    assert drv.backend.describe()["alive"] is False and "exited" in drv.backend.error
+    # The vCPU's MMIO accesses still answer at once: nothing waits on the dead process.
+    start = time.monotonic()
+    drv.wr(m.QUEUE_SEL, 0)
+    drv.wr(m.QUEUE_READY, 0)
+    drv.wr(m.STATUS, 0)
+    assert drv.negotiate()
+    assert time.monotonic() - start < 0.5
+
+
+def test_a_hung_back_end_costs_the_vcpu_one_time_out(blk):
+    drv, _ = blk
+    os.kill(drv.backend.process.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        drv.wr(m.QUEUE_SEL, 0)
+        drv.wr(m.QUEUE_READY, 0)  # GET_VRING_BASE times out
+        drv.wr(m.STATUS, 0)  # the back-end is marked lost: no second wait
+        elapsed = time.monotonic() - start
+        assert 0.9 < elapsed < 2.0, elapsed
+        assert "time-out" in drv.backend.error
+    finally:
+        os.kill(drv.backend.process.pid, signal.SIGCONT)
