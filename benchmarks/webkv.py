@@ -4,12 +4,14 @@ with the same clients on the same disk: wrk (GET and PUT) and examples/kvload.py
 (8 keep-alive clients writing and reading back: p50, p99, max, and the longest
 request in windows the length of an upgrade, ``--window-ms``), and the server's CPU
 time per wrk request (all its processes' threads, from /proc: robust where the
-machine is shared, unlike wall-clock figures). Every configuration
+machine is shared, unlike wall-clock figures). Server ``pyvmm-process`` is pyvmm with
+its disk served by a back-end process (``--device-backends process``); its CPU time
+includes the back-end's. Every configuration
 (server x disk place: tmpfs, the real disk) runs once per round, alternated by the
 harness (benchmarks/harness.py); ``pyvmm_over_native`` gives the paired ratios.
 
     python benchmarks/webkv.py [--seconds 3] [--kvload-seconds 4] [--connections 16]
-        [--servers pyvmm,native] [--places tmpfs,disk] [--rounds 10] [--pin]
+        [--servers pyvmm,pyvmm-process,native] [--places tmpfs,disk] [--rounds 10] [--pin]
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def server_command(server: str, disk: Path, port: int, timeout_s: float) -> list
     """webkv-v1 under pyvmm, or webkv-native: same sources, disk and port mapping."""
     if server == "native":
         return [str(KERNELS / "webkv-native"), f"disk={disk}", f"forward=127.0.0.1:{port}=80"]
+    backends = ["--device-backends", "process"] if server == "pyvmm-process" else []
     return [
         *pyvmm_command(),
         "boot",
@@ -122,6 +125,7 @@ def server_command(server: str, disk: Path, port: int, timeout_s: float) -> list
         f"127.0.0.1:{port}=80",
         "--timeout",
         str(timeout_s),
+        *backends,
     ]
 
 
@@ -153,14 +157,27 @@ class Server:
         self.port, self.process = port, process
 
     def cpu_s(self) -> float:
-        """CPU time the server process has used (all its threads), from /proc: unlike
-        wall-clock figures it does not grow while other processes hold the CPUs."""
+        """CPU time the server process and its children (back-end processes) have
+        used, all their threads, from /proc: unlike wall-clock figures it does not
+        grow while other processes hold the CPUs."""
+        pid = self.process.pid
+        pids = [pid]
         try:
-            with open(f"/proc/{self.process.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    pids += [int(child) for child in f.read().split()]
         except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            pass
+        return sum(_process_cpu_s(p) for p in pids)
+
+
+def _process_cpu_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -291,9 +308,12 @@ def main() -> None:
     # pyvmm against native on the same disk, paired by round
     versus = {}
     for place in places:
-        mine, anchor = rounds.samples.get(f"pyvmm-{place}"), rounds.samples.get(f"native-{place}")
-        if mine and anchor:
-            versus[place] = {m: harness.paired_ratio(v, anchor[m]) for m, v in mine.items()}
+        anchor = rounds.samples.get(f"native-{place}")
+        for server in servers:
+            mine = rounds.samples.get(f"{server}-{place}")
+            key = place if server == "pyvmm" else f"{server} {place}"
+            if server != "native" and mine and anchor:
+                versus[key] = {m: harness.paired_ratio(v, anchor[m]) for m, v in mine.items()}
     result = {
         "benchmark": "webkv",
         "seconds": args.seconds,

@@ -14,7 +14,8 @@ virtio-mmio transport that configures the back-end instead of serving the queue:
   the request in progress is finished;
 - every exchange has the protocol's time-out (1 s), and a back-end that fails one,
   or dies, puts the device in NEEDS_RESET: a hung or dead back-end cannot stall the
-  vCPU for longer than one time-out.
+  vCPU for longer than one time-out. A dead one is replaced by a new process at
+  once (up to ``MAX_RESTARTS``); the driver's next reset and set-up use it.
 
 InterruptStatus: the VMM never sees the back-end's calls, so the transport reports
 the used-buffer bit always (``interrupts_bypass_vmm``), as Firecracker's vhost-user
@@ -33,6 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from ..devices.virtio._log import ERROR, WARNING, log
 from ..devices.virtio.backend import VirtioBackend
@@ -45,6 +47,22 @@ if TYPE_CHECKING:
     from ..devices.virtio.mmio import VirtioMmioTransport
 
 START_TIMEOUT_S = 10.0  # interpreter start-up and imports, on a loaded machine
+MAX_RESTARTS = 5  # then the device stays failed: something keeps killing it
+
+
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn(command: list[str]) -> subprocess.Popen:
+    """Start a back-end from one long-lived thread: PR_SET_PDEATHSIG fires when the
+    *thread* that forked the child ends, and a restart runs on a watcher thread that
+    ends right after it."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backend-spawner")
+    return _spawner.submit(subprocess.Popen, command, stdin=subprocess.DEVNULL).result()
 
 
 class BackendError(Exception):
@@ -59,7 +77,7 @@ class BackendProcess:
         self._dir = tempfile.mkdtemp(prefix="pyvmm-backend-")
         path = os.path.join(self._dir, f"{name}.sock")
         command = [sys.executable, "-m", module, "--socket", path, "--parent", str(os.getpid())]
-        self.proc = subprocess.Popen([*command, *args], stdin=subprocess.DEVNULL)
+        self.proc = _spawn([*command, *args])
         self.pid = self.proc.pid
         self.exit_status: int | None = None
         self.died_at: float | None = None  # monotonic time the death was noticed
@@ -120,7 +138,8 @@ class BackendProcess:
         self.proc.wait(5)
         if hasattr(self, "_wake"):
             os.eventfd_write(self._wake, 1)
-            self._watcher.join(2)
+            if threading.current_thread() is not self._watcher:
+                self._watcher.join(2)
             os.close(self._wake)
         if hasattr(self, "_pidfd"):
             os.close(self._pidfd)
@@ -156,29 +175,42 @@ class ProcessBlk(VirtioBackend):
         self.error = ""  # why the back-end is unusable, once it is
         self._host = memory.host_address
         self._running: set[int] = set()
-        args = ["--disk", path, *(["--fenced"] if fenced else []), *(["--read-only"] * read_only)]
-        self.process = BackendProcess("pyvmm.backends.blk", args, name)
+        self.restarts = 0
+        self.last_death = ""  # how the last back-end process ended, if one did
+        self._args = ["--disk", path, *(["--fenced"] * fenced), *(["--read-only"] * read_only)]
+        self._region = vu.MemoryRegion(base, size, self._host + base, base)
+        self._memfd = memory.fd
+        self._timeout = timeout
+        self._closed = False
+        self.process, self.front, self.features = self._spawn()
+
+    def _spawn(self) -> tuple[BackendProcess, vu.FrontEnd, int]:
+        """A back-end process, connected, owned, with the features and memory table."""
+        process = BackendProcess("pyvmm.backends.blk", self._args, self.name)
         try:
-            self.front = vu.FrontEnd(self.process.sock, timeout)
-            self.front.set_owner()
-            offered = self.front.get_features()
+            front = vu.FrontEnd(process.sock, self._timeout)
+            front.set_owner()
+            offered = front.get_features()
             self._protocol = bool(offered & vu.F_PROTOCOL_FEATURES)
             if self._protocol:
-                wanted = self.front.get_protocol_features() & vu.PROTOCOL_F_REPLY_ACK
-                self.front.set_protocol_features(wanted)
-            self.features = offered & ~vu.F_PROTOCOL_FEATURES
-            region = vu.MemoryRegion(base, size, self._host + base, base)
-            self.front.set_mem_table([region], [memory.fd])
+                front.set_protocol_features(front.get_protocol_features() & vu.PROTOCOL_F_REPLY_ACK)
+            front.set_mem_table([self._region], [self._memfd])
         except vu.VhostUserError as exc:
-            self.close()
-            raise BackendError(f"{name}: {exc}") from exc
-        self.process.on_death = self._died
+            process.close()
+            raise BackendError(f"{self.name}: {exc}") from exc
+        process.on_death = self._died
+        return process, front, offered & ~vu.F_PROTOCOL_FEATURES
 
     def config(self) -> bytes:
         return blk_config(self.capacity, self.queue_sizes[0])
 
     def describe(self) -> dict[str, object]:
-        return {**self.process.describe(), "error": self.error or None}
+        return {
+            **self.process.describe(),
+            "error": self.error or None,
+            "restarts": self.restarts,
+            "last_death": self.last_death or None,
+        }
 
     # --- transport interface ---------------------------------------------------------
 
@@ -255,6 +287,7 @@ class ProcessBlk(VirtioBackend):
             log(WARNING, "%s: the back-end did not stop its ring on reset", self.name)
 
     def close(self) -> None:
+        self._closed = True
         self.transport = None
         if hasattr(self, "process"):
             self.process.close()
@@ -265,16 +298,39 @@ class ProcessBlk(VirtioBackend):
     # --- failures --------------------------------------------------------------------
 
     def _lost(self, reason: str) -> None:
-        """The back-end is unusable: NEEDS_RESET for the driver."""
+        """The back-end is unusable: NEEDS_RESET for the driver. It is killed (a late
+        reply would put the byte stream out of step), and so replaced (``_died``)."""
         if not self.error:
             self.error = reason
             log(ERROR, "%s: %s", self.name, reason)
+        self.process.proc.kill()
         transport = self.transport
         if transport is not None:
             transport.device_error(f"back-end: {reason}")
 
     def _died(self, reason: str) -> None:
-        self.error = reason
+        """On the watcher thread: tell the driver, then start a new back-end. The
+        driver must reset the device to use it (webkv treats NEEDS_RESET as fatal);
+        a driver that re-initialises gets a working disk again."""
+        self.error = self.last_death = reason
         transport = self.transport
         if transport is not None:
             transport.device_error(reason)
+        if self._closed or self.restarts >= MAX_RESTARTS:
+            return
+        try:
+            process, front, features = self._spawn()  # without the lock: takes ~0.5 s
+        except (BackendError, OSError) as exc:
+            log(ERROR, "%s: restart failed: %s", self.name, exc)
+            return
+        with self._lock:
+            if self._closed:
+                process.close()
+                return
+            old = self.process
+            self.process, self.front, self.features = process, front, features
+            self._running.clear()  # the dead one's rings are gone with it
+            self.restarts += 1
+            self.error = ""
+        old.close()
+        log(WARNING, "%s: back-end restarted (pid %d)", self.name, process.pid)
