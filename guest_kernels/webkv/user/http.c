@@ -486,7 +486,11 @@ void http_commit_done(struct op *op, int result)
 				status = created ? 201 : 204;
 			}
 		} else {
-			status = kv_del(op->key, op->klen) ? 204 : 404;
+			/* Idempotent, as S3's DeleteObject: "absent" is durable either way,
+			 * and a DELETE re-driven after a failover (its first execution never
+			 * answered) gets the answer the first would have given. */
+			kv_del(op->key, op->klen);
+			status = 204;
 		}
 	} else {
 		ufree(op->val);
