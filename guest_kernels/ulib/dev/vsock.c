@@ -2,6 +2,7 @@
 #include "ulib.h"
 #include "dev/umalloc.h"
 #include "dev/vsock.h"
+#include "dev/vsock_stream.h"
 
 #define RXQ		0
 #define TXQ		1
@@ -11,7 +12,6 @@
 #define HASH_SIZE	2048		/* power of two */
 #define RBUF_MIN	4096
 #define RBUF_MAX	(VS_BUF_ALLOC + 4096)
-#define KEEP_BUF	(16u << 10)	/* buffers up to this size are kept when empty */
 
 #define W_RESPONSE	1
 #define W_CREDIT	2
@@ -42,36 +42,6 @@ static struct vs_listener *listener(struct vsock *vs, uint32_t port)
 
 /* ---- dirty list: connections with something to send ---- */
 
-static void mark_dirty(struct vsock *vs, struct vs_conn *c)
-{
-	if (c->dirty || c->state == VS_FREE)
-		return;
-	c->dirty = 1;
-	c->dnext = NULL;
-	c->dprev = vs->dirty_tail;
-	if (vs->dirty_tail)
-		vs->dirty_tail->dnext = c;
-	else
-		vs->dirty_head = c;
-	vs->dirty_tail = c;
-}
-
-static void unmark_dirty(struct vsock *vs, struct vs_conn *c)
-{
-	if (!c->dirty)
-		return;
-	if (c->dprev)
-		c->dprev->dnext = c->dnext;
-	else
-		vs->dirty_head = c->dnext;
-	if (c->dnext)
-		c->dnext->dprev = c->dprev;
-	else
-		vs->dirty_tail = c->dprev;
-	c->dirty = 0;
-	c->dprev = c->dnext = NULL;
-}
-
 /* ---- connection table ---- */
 
 static struct vs_conn *alloc_conn(struct vsock *vs, uint32_t local, uint32_t peer)
@@ -101,7 +71,7 @@ static void free_conn(struct vsock *vs, struct vs_conn *c)
 		pp = &(*pp)->hnext;
 	if (*pp)
 		*pp = c->hnext;
-	unmark_dirty(vs, c);
+	vs_unmark_dirty(vs, c);
 	if (c->state == VS_CLOSING)
 		vs->timed--;
 	ufree(c->rbuf);
@@ -228,14 +198,7 @@ static int pump(struct vsock *vs, struct vs_conn *c, uint64_t now)
 		c->tx_cnt += n;
 		vs->stats.tx_bytes += n;
 	}
-	if (c->tstart == c->tend) {
-		c->tstart = c->tend = 0;
-		if (c->tcap > KEEP_BUF) {
-			ufree(c->tbuf);
-			c->tbuf = NULL;
-			c->tcap = 0;
-		}
-	}
+	vs_tbuf_trim(c);
 	if (c->closing && c->state == VS_ESTABLISHED && c->tstart == c->tend) {
 		if ((c->peer_shut & 3) == 3) {	/* both sides done: end it */
 			if (!send_ctl(vs, c->local_port, c->peer_port, VSOCK_OP_RST, 0, NULL))
@@ -278,7 +241,7 @@ void vs_flush(struct vsock *vs, uint64_t now)
 			blocked = 1;
 			break;
 		}
-		unmark_dirty(vs, c);	/* no-op if pump freed it */
+		vs_unmark_dirty(vs, c);	/* no-op if pump freed it */
 	}
 	vs->blocked_on_slots = blocked || vs->rst_n;
 	virtq_kick(&vs->txq);
@@ -329,7 +292,7 @@ static void accept_conn(struct vsock *vs, uint32_t local, uint32_t peer, uint32_
 
 	c->peer_buf_alloc = peer_buf_alloc;
 	c->want = W_RESPONSE;
-	mark_dirty(vs, c);
+	vs_mark_dirty(vs, c);
 	vs->stats.accepted++;
 	if (vs->cb->accept)
 		vs->cb->accept(vs, c);
@@ -441,7 +404,7 @@ static void handle_packet(struct vsock *vs, const uint8_t *buf, uint32_t used_le
 	c->peer_fwd_cnt = h.fwd_cnt;
 	c->credit_requested = 0;
 	if (c->tend > c->tstart)
-		mark_dirty(vs, c);		/* the credit may have grown */
+		vs_mark_dirty(vs, c);		/* the credit may have grown */
 	switch (h.op) {
 	case VSOCK_OP_RW: {
 		uint32_t room = VS_BUF_ALLOC - (c->rx_cnt - c->fwd_cnt);
@@ -471,7 +434,7 @@ static void handle_packet(struct vsock *vs, const uint8_t *buf, uint32_t used_le
 		return;
 	case VSOCK_OP_CREDIT_REQUEST:
 		c->want |= W_CREDIT;
-		mark_dirty(vs, c);
+		vs_mark_dirty(vs, c);
 		return;
 	case VSOCK_OP_SHUTDOWN:
 		c->peer_shut |= h.flags & (VSOCK_SHUTDOWN_RCV | VSOCK_SHUTDOWN_SEND);
@@ -482,7 +445,7 @@ static void handle_packet(struct vsock *vs, const uint8_t *buf, uint32_t used_le
 		}
 		if (c->peer_shut & VSOCK_SHUTDOWN_RCV)
 			drop_output(c);
-		mark_dirty(vs, c);
+		vs_mark_dirty(vs, c);
 		if (!c->closing && vs->cb->shutdown)
 			vs->cb->shutdown(vs, c);
 		return;
@@ -612,7 +575,7 @@ int vs_restart(struct vsock *vs)
 {
 	reset_all(vs);
 	while (vs->dirty_head)
-		unmark_dirty(vs, vs->dirty_head);
+		vs_unmark_dirty(vs, vs->dirty_head);
 	vs->rx_reposted = 0;
 	vs->blocked_on_slots = 0;
 	return setup(vs);
@@ -651,61 +614,11 @@ void vs_listen_accept(struct vsock *vs, uint32_t port, int accepting)
 
 void vs_consume(struct vsock *vs, struct vs_conn *c, uint32_t n)
 {
-	if (n > c->rend - c->rstart)
-		n = c->rend - c->rstart;
-	c->rstart += n;
-	c->fwd_cnt += n;
-	if (c->rstart == c->rend) {
-		c->rstart = c->rend = 0;
-		if (c->rcap > KEEP_BUF) {
-			ufree(c->rbuf);
-			c->rbuf = NULL;
-			c->rcap = 0;
-		}
-	}
+	vs_rbuf_consume(c, n);
 	if (c->fwd_cnt - c->adv_fwd_cnt >= VS_BUF_ALLOC / 4) {
 		c->want |= W_CREDIT;
-		mark_dirty(vs, c);
+		vs_mark_dirty(vs, c);
 	}
-}
-
-uint8_t *vs_send_reserve(struct vs_conn *c, size_t n)
-{
-	if (c->tend + n > c->tcap && c->tstart) {
-		memmove(c->tbuf, c->tbuf + c->tstart, c->tend - c->tstart);
-		c->tend -= c->tstart;
-		c->tstart = 0;
-	}
-	if (c->tend + n > c->tcap) {
-		size_t cap = c->tcap ? c->tcap : 4096;
-		uint8_t *nb;
-		while (cap < c->tend + n)
-			cap *= 2;
-		if (cap > (1u << 30) || !(nb = urealloc(c->tbuf, cap)))
-			return NULL;
-		c->tbuf = nb;
-		c->tcap = cap;
-	}
-	return c->tbuf + c->tend;
-}
-
-void vs_send_commit(struct vsock *vs, struct vs_conn *c, size_t n)
-{
-	c->tend += n;
-	mark_dirty(vs, c);
-}
-
-int vs_send(struct vsock *vs, struct vs_conn *c, const void *p, size_t n)
-{
-	uint8_t *d;
-
-	if (c->closing || c->state != VS_ESTABLISHED)
-		return -1;
-	if (!(d = vs_send_reserve(c, n)))
-		return -1;
-	memcpy(d, p, n);
-	vs_send_commit(vs, c, n);
-	return 0;
 }
 
 void vs_close(struct vsock *vs, struct vs_conn *c)
@@ -716,7 +629,7 @@ void vs_close(struct vsock *vs, struct vs_conn *c)
 	c->user = NULL;
 	c->fwd_cnt += c->rend - c->rstart;	/* unread input is dropped */
 	c->rstart = c->rend = 0;
-	mark_dirty(vs, c);
+	vs_mark_dirty(vs, c);
 }
 
 void vs_hand_back(struct vsock *vs, struct vs_conn *c)
@@ -726,7 +639,7 @@ void vs_hand_back(struct vsock *vs, struct vs_conn *c)
 	c->closing = VS_HAND_BACK;
 	c->user = NULL;
 	c->rstart = c->rend = 0;	/* unconsumed input: not counted, so the host keeps it */
-	mark_dirty(vs, c);
+	vs_mark_dirty(vs, c);
 }
 
 void vs_abort(struct vsock *vs, struct vs_conn *c)

@@ -27,11 +27,11 @@
 #include "ulib.h"
 #include "dev/umalloc.h"
 #include "dev/vsock.h"
+#include "dev/vsock_stream.h"
 #include "native.h"
 
 #define EV_BATCH	64
 #define RBUF_MIN	4096
-#define KEEP_BUF	(16u << 10)	/* buffers above this are freed when empty */
 #define TAG_LISTENER	(1ULL << 63)
 
 /* host side of each connection slot: its socket, the epoll interest, a
@@ -65,36 +65,6 @@ static void listeners_on(struct vsock *vs, int on)
 	lpaused = !on;
 }
 
-static void mark_dirty(struct vsock *vs, struct vs_conn *c)
-{
-	if (c->dirty)
-		return;
-	c->dirty = 1;
-	c->dnext = NULL;
-	c->dprev = vs->dirty_tail;
-	if (vs->dirty_tail)
-		vs->dirty_tail->dnext = c;
-	else
-		vs->dirty_head = c;
-	vs->dirty_tail = c;
-}
-
-static void unmark_dirty(struct vsock *vs, struct vs_conn *c)
-{
-	if (!c->dirty)
-		return;
-	c->dirty = 0;
-	if (c->dprev)
-		c->dprev->dnext = c->dnext;
-	else
-		vs->dirty_head = c->dnext;
-	if (c->dnext)
-		c->dnext->dprev = c->dprev;
-	else
-		vs->dirty_tail = c->dprev;
-	c->dprev = c->dnext = NULL;
-}
-
 static void free_conn(struct vsock *vs, struct vs_conn *c, int rst)
 {
 	unsigned i = idx(vs, c);
@@ -107,7 +77,7 @@ static void free_conn(struct vsock *vs, struct vs_conn *c, int rst)
 	close(host[i].fd);
 	host[i].fd = -1;
 	host[i].gen++;
-	unmark_dirty(vs, c);
+	vs_unmark_dirty(vs, c);
 	if (c->state == VS_CLOSING)
 		vs->timed--;
 	ufree(c->rbuf);
@@ -255,12 +225,7 @@ static int pump(struct vsock *vs, struct vs_conn *c, uint64_t now)
 		vs->stats.tx_bytes += n;
 		vs->stats.tx_packets++;
 	}
-	c->tstart = c->tend = 0;
-	if (c->tcap > KEEP_BUF) {
-		ufree(c->tbuf);
-		c->tbuf = NULL;
-		c->tcap = 0;
-	}
+	vs_tbuf_trim(c);	/* all sent */
 	if (host[i].events & EPOLLOUT)
 		set_events(vs, c, host[i].events & ~EPOLLOUT);
 	if (c->closing && c->state == VS_ESTABLISHED)
@@ -371,7 +336,7 @@ int vs_poll(struct vsock *vs, uint64_t now)
 		if (c->state == VS_FREE || host[i].gen != (uint32_t)(d >> 32))
 			continue;	/* freed earlier in this batch */
 		if (evs[k].events & EPOLLOUT)
-			mark_dirty(vs, c);
+			vs_mark_dirty(vs, c);
 		if (evs[k].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
 			readable(vs, c);
 	}
@@ -382,7 +347,7 @@ void vs_flush(struct vsock *vs, uint64_t now)
 {
 	for (struct vs_conn *c = vs->dirty_head, *next; c; c = next) {
 		next = c->dnext;
-		unmark_dirty(vs, c);
+		vs_unmark_dirty(vs, c);
 		pump(vs, c, now);
 	}
 }
@@ -413,59 +378,9 @@ void vs_consume(struct vsock *vs, struct vs_conn *c, uint32_t n)
 {
 	unsigned i = idx(vs, c);
 
-	if (n > c->rend - c->rstart)
-		n = c->rend - c->rstart;
-	c->rstart += n;
-	c->fwd_cnt += n;
-	if (c->rstart == c->rend) {
-		c->rstart = c->rend = 0;
-		if (c->rcap > KEEP_BUF) {
-			ufree(c->rbuf);
-			c->rbuf = NULL;
-			c->rcap = 0;
-		}
-	}
+	n = vs_rbuf_consume(c, n);
 	if (n && !(host[i].events & EPOLLIN) && !(c->peer_shut & VSOCK_SHUTDOWN_SEND) && c->state == VS_ESTABLISHED)
 		set_events(vs, c, host[i].events | EPOLLIN);	/* room again */
-}
-
-uint8_t *vs_send_reserve(struct vs_conn *c, size_t n)
-{
-	if (c->tend + n > c->tcap && c->tstart) {
-		memmove(c->tbuf, c->tbuf + c->tstart, c->tend - c->tstart);
-		c->tend -= c->tstart;
-		c->tstart = 0;
-	}
-	if (c->tend + n > c->tcap) {
-		size_t cap = c->tcap ? c->tcap : 4096;
-		uint8_t *nb;
-		while (cap < c->tend + n)
-			cap *= 2;
-		if (cap > (1u << 30) || !(nb = urealloc(c->tbuf, cap)))
-			return NULL;
-		c->tbuf = nb;
-		c->tcap = cap;
-	}
-	return c->tbuf + c->tend;
-}
-
-void vs_send_commit(struct vsock *vs, struct vs_conn *c, size_t n)
-{
-	c->tend += n;
-	mark_dirty(vs, c);
-}
-
-int vs_send(struct vsock *vs, struct vs_conn *c, const void *p, size_t n)
-{
-	uint8_t *d;
-
-	if (c->closing || c->state != VS_ESTABLISHED)
-		return -1;
-	if (!(d = vs_send_reserve(c, n)))
-		return -1;
-	memcpy(d, p, n);
-	vs_send_commit(vs, c, n);
-	return 0;
 }
 
 void vs_close(struct vsock *vs, struct vs_conn *c)
@@ -475,7 +390,7 @@ void vs_close(struct vsock *vs, struct vs_conn *c)
 	c->closing = VS_CLOSE;
 	c->user = NULL;
 	c->rstart = c->rend = 0;	/* unread input is dropped */
-	mark_dirty(vs, c);
+	vs_mark_dirty(vs, c);
 }
 
 void vs_hand_back(struct vsock *vs, struct vs_conn *c)
