@@ -1,9 +1,10 @@
 """Whole-process time of `pyvmm ctl NODE status` and `pyvmm upgrade` against an idle
 armed node, next to the same commands through the typer app (what every call cost
-before the fast path) and a bare Python start, alternating runs so all see the same
-machine drift. The goal: ≤100 ms, as a fleet tool calls these once per node.
+before the fast path) and a bare Python start, in alternated rounds
+(benchmarks/harness.py) so all see the same machine drift; ratios to the typer path.
+The goal: ≤100 ms, as a fleet tool calls these once per node.
 
-    python benchmarks/ctl_start.py [--runs 20]
+    python benchmarks/ctl_start.py [--rounds 20]
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import KERNELS, pyvmm_command, report, summary
+import harness
+from common import KERNELS, pyvmm_command, report
 
 TYPER = [sys.executable, "-c", "from pyvmm.cli import app; app(prog_name='pyvmm')"]
 
@@ -62,7 +64,9 @@ def start_node(workdir: str) -> tuple[subprocess.Popen, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=20)
+    harness.add_arguments(
+        parser, harness.Plan(min_rounds=20, max_rounds=40, warmup=2, precision=0.02)
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         node, control = start_node(workdir)
@@ -72,35 +76,35 @@ def main() -> None:
             # once (exit 3), after the same start-up and round trip a real one has.
             upgrade = ["upgrade", control, "--to", str(KERNELS / "hello.elf"), "--json"]
             commands = {
-                "python": ([sys.executable, "-c", "pass"], 0),
-                "ctl_status": ([*pyvmm_command(), *status], 0),
-                "upgrade": ([*pyvmm_command(), *upgrade], 3),
                 "ctl_status_typer": ([*TYPER, *status], 0),
+                "ctl_status": ([*pyvmm_command(), *status], 0),
                 "upgrade_typer": ([*TYPER, *upgrade], 3),
+                "upgrade": ([*pyvmm_command(), *upgrade], 3),
+                "python": ([sys.executable, "-c", "pass"], 0),
             }
-            for command, expected in commands.values():
-                timed(command, expected)  # warm the page cache
-            samples: dict[str, list[float]] = {name: [] for name in commands}
-            for _ in range(args.runs):
-                for name, (command, expected) in commands.items():
-                    samples[name].append(timed(command, expected))
+            configs = {
+                name: (lambda c=command, e=expected: {"ms": timed(c, e)})
+                for name, (command, expected) in commands.items()
+            }
+            rounds = harness.run_rounds(
+                configs,
+                "ctl_status_typer",
+                harness.plan_from(args),
+                progress=harness.stderr_progress("ctl_start"),
+            )
         finally:
             node.kill()
             node.wait()
-    stats = {name: summary(values) for name, values in samples.items()}
-    median = {name: s["median"] for name, s in stats.items()}
-    result = {
-        "benchmark": "ctl_start",
-        "runs": args.runs,
-        **{f"{name}_ms": s for name, s in stats.items()},
-        "ctl_vs_typer": round(median["ctl_status"] / median["ctl_status_typer"], 3),
-        "upgrade_vs_typer": round(median["upgrade"] / median["upgrade_typer"], 3),
-    }
+    out = rounds.to_json()
+    median = {name: per["ms"]["median"] for name, per in out["configs"].items()}
+    result = {"benchmark": "ctl_start", "machine": harness.machine_state(), **out}
     report(
         result,
-        f"ctl_start: pyvmm ctl status median {median['ctl_status']:.1f} ms, pyvmm upgrade "
-        f"{median['upgrade']:.1f} ms (goal ≤100 ms); through typer "
-        f"{median['ctl_status_typer']:.1f} / {median['upgrade_typer']:.1f} ms; bare python "
+        f"ctl_start: {out['method']['rounds']} rounds; pyvmm ctl status median "
+        f"{median['ctl_status']:.1f} ms, pyvmm upgrade {median['upgrade']:.1f} ms (goal "
+        f"≤100 ms); through typer {median['ctl_status_typer']:.1f} / "
+        f"{median['upgrade_typer']:.1f} ms (ctl/typer "
+        f"{harness.ci_text(out['ratios']['ctl_status']['ms'])}); bare python "
         f"{median['python']:.1f} ms",
     )
 
