@@ -47,9 +47,7 @@ def main() -> None:
         harness.Plan(min_rounds=20, max_rounds=80, warmup=2, precision=0.01, time_cap_s=180),
     )
     args = parser.parse_args()
-    pinning = harness.Pinning.split(args.pin)
-    pinning.apply_measured()
-    state_before = harness.machine_state()
+    conditions = harness.Conditions.pinned(args)
     kernel = KERNELS / "hello.elf"
     pyvmm = [*pyvmm_command(), "boot", str(kernel), "--cmdline", CMDLINE]
     qemu = qemu_microvm_command(kernel, CMDLINE)
@@ -61,20 +59,13 @@ def main() -> None:
         "qemu": lambda: timed(qemu, 1),
         "pyvmm_cold": lambda: timed(pyvmm, 0, cold_env),
     }
-    baseline = "qemu"
-    if args.aa:
-        configs, baseline = harness.aa_configs(configs, args.aa), args.aa
-    rounds = harness.run_rounds(
-        configs, baseline, harness.plan_from(args), progress=harness.stderr_progress("boot_time")
-    )
+    rounds, baseline = harness.compare(args, configs, "qemu", "boot_time")
     out = rounds.to_json()
     result = {
         "benchmark": "boot_time",
         "kernel": str(kernel.relative_to(KERNELS.parent.parent)),
         **out,
-        "pinning": pinning.to_json(),
-        "machine_before": state_before,
-        "machine_after": harness.machine_state(),
+        **conditions.to_json(),
     }
     medians = ", ".join(
         f"{name} median {per['ms']['median']:.1f} ms (IQR {per['ms']['iqr']:.1f}, "

@@ -26,9 +26,7 @@ def main() -> None:
         parser, harness.Plan(min_rounds=10, max_rounds=30, precision=0.01, time_cap_s=240)
     )
     args = parser.parse_args()
-    pinning = harness.Pinning.split(args.pin)
-    pinning.apply_measured()
-    state_before = harness.machine_state()
+    conditions = harness.Conditions.pinned(args)
     khz = host_tsc_khz()
     workload = f"run=portio n_portio={args.n}"
 
@@ -47,12 +45,7 @@ def main() -> None:
         return once
 
     configs = {"pyvmm": per_exit(under_pyvmm), "qemu": per_exit(under_qemu)}
-    baseline = "qemu"
-    if args.aa:
-        configs, baseline = harness.aa_configs(configs, args.aa), args.aa
-    rounds = harness.run_rounds(
-        configs, baseline, harness.plan_from(args), progress=harness.stderr_progress("exit_cost")
-    )
+    rounds, baseline = harness.compare(args, configs, "qemu", "exit_cost")
     out = rounds.to_json()
     result: dict[str, object] = {
         "benchmark": "exit_cost",
@@ -63,9 +56,7 @@ def main() -> None:
             name: round(1e6 / per["round_trip_us"]["median"])
             for name, per in out["configs"].items()
         },
-        "pinning": pinning.to_json(),
-        "machine_before": state_before,
-        "machine_after": harness.machine_state(),
+        **conditions.to_json(),
     }
     medians = {n: per["round_trip_us"]["median"] for n, per in out["configs"].items()}
     ratios = "; ".join(

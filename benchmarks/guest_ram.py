@@ -55,9 +55,7 @@ def main() -> None:
     parser.add_argument("--webkv-seconds", type=float, default=0.0)
     harness.add_arguments(parser, harness.Plan(min_rounds=6, max_rounds=12, time_cap_s=600))
     args = parser.parse_args()
-    pinning = harness.Pinning.split(args.pin)
-    pinning.apply_measured()
-    state_before = harness.machine_state()
+    conditions = harness.Conditions.pinned(args)
     khz = host_tsc_khz()
     workloads = args.run.split(",")
     huge_mib: dict[str, list[float]] = {}
@@ -81,7 +79,7 @@ def main() -> None:
             before.ru_utime + before.ru_stime
         )
         if put_script:
-            web = run("/dev/shm", args.webkv_seconds, 16, put_script, pinning)
+            web = run("/dev/shm", args.webkv_seconds, 16, put_script, conditions.pinning)
             figures["webkv_get_requests_per_s"] = web["get"]["requests_per_s"]
             figures["webkv_get_p99_ms"] = web["get"]["p99_ms"]
         return figures
@@ -105,9 +103,7 @@ def main() -> None:
         **out,
         "backing": {n: harness.backing_summary(v, STREAM_MIB) for n, v in huge_mib.items()},
         "shmem_enabled": memory.shmem_thp_mode(),
-        "pinning": pinning.to_json(),
-        "machine_before": state_before,
-        "machine_after": harness.machine_state(),
+        **conditions.to_json(),
     }
     report(
         result,

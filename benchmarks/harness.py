@@ -377,6 +377,30 @@ def machine_state() -> dict[str, object]:
     }
 
 
+@dataclass
+class Conditions:
+    """What a benchmark ran under: its pinning and the machine's state before and after."""
+
+    pinning: Pinning
+    machine_before: dict[str, object]
+
+    @classmethod
+    def pinned(cls, args: argparse.Namespace) -> Conditions:
+        """--pin's split with this thread on the measured CPUs (threads and processes
+        started later inherit it), then the machine's state."""
+        pinning = Pinning.split(args.pin)
+        pinning.apply_measured()
+        return cls(pinning, machine_state())
+
+    def to_json(self) -> dict[str, object]:
+        """The result's "pinning", "machine_before" and (read now) "machine_after"."""
+        return {
+            "pinning": self.pinning.to_json(),
+            "machine_before": self.machine_before,
+            "machine_after": machine_state(),
+        }
+
+
 def children_cpu_s() -> float:
     """User + system CPU seconds of this process's reaped children (all their
     threads): the difference around one subprocess is that process's CPU time."""
@@ -484,6 +508,30 @@ def stderr_progress(name: str) -> Callable[[str], None]:
     import sys
 
     return lambda text: print(f"{name}: {text}", file=sys.stderr, flush=True)
+
+
+def compare(
+    args: argparse.Namespace,
+    configs: Mapping[str, Runner],
+    baseline: str,
+    name: str,
+    target_metrics: Iterable[str] = (),
+    aa_runner: Callable[[str], Runner] | None = None,
+) -> tuple[Rounds, str]:
+    """run_rounds of ``configs`` against ``baseline`` with the command line's plan, or
+    with --aa that configuration against itself; returns the rounds and the baseline.
+    ``aa_runner(side)`` makes each A/A side's runner where a runner records data under
+    its configuration's name; without it one runner serves both sides."""
+    if args.aa:
+        baseline = args.aa
+        if aa_runner:
+            configs = {side: aa_runner(side) for side in (args.aa, f"{args.aa}'")}
+        else:
+            configs = aa_configs(configs, args.aa)
+    rounds = run_rounds(
+        configs, baseline, plan_from(args, target_metrics), progress=stderr_progress(name)
+    )
+    return rounds, baseline
 
 
 def ci_text(r: Mapping[str, object], percent: bool = False) -> str:

@@ -100,9 +100,7 @@ def main() -> None:
     parser.add_argument("--isolation-rounds", type=int, default=3)
     harness.add_arguments(parser, harness.Plan(min_rounds=10, max_rounds=20, time_cap_s=480))
     args = parser.parse_args()
-    pinning = harness.Pinning.split(args.pin)
-    pinning.apply_measured()  # the vCPU threads started later inherit it
-    state_before = harness.machine_state()
+    conditions = harness.Conditions.pinned(args)  # the vCPU threads started later inherit it
 
     switch = world_switch(args.switch_seconds)
     kick = kick_latency(args.kicks)
@@ -117,7 +115,7 @@ def main() -> None:
                 "world_switch": switch,
                 "kick": kick,
                 "isolation": isolation,
-                "machine_before": state_before,
+                "machine_before": conditions.machine_before,
             },
             f"microvisor: world switch p50 {switch['latency_us']['median']:.0f} us "
             f"CI {switch['latency_us'].get('median_ci95')}; kick p50 "
@@ -142,16 +140,13 @@ def main() -> None:
 
     modes = args.modes.split(",")
     configs = {mode: runner(mode, mode) for mode in modes}
-    baseline = "plain" if "plain" in configs else modes[0]
-    if args.aa:
-        configs = {n: runner(n, args.aa) for n in (args.aa, f"{args.aa}'")}
-        baseline = args.aa
-    target = [f"{w}_cpu" for w in WORKLOADS]
-    rounds = harness.run_rounds(
+    rounds, baseline = harness.compare(
+        args,
         configs,
-        baseline,
-        harness.plan_from(args, target),
-        progress=harness.stderr_progress("microvisor"),
+        "plain" if "plain" in configs else modes[0],
+        "microvisor",
+        [f"{w}_cpu" for w in WORKLOADS],
+        aa_runner=lambda side: runner(side, args.aa),
     )
     out = rounds.to_json()
     overhead = {}
@@ -191,9 +186,7 @@ def main() -> None:
         "cpu_overhead_percent": overhead,
         "results_consistent": all(len(v) == 1 for v in results.values()),
         "backing": {n: harness.backing_summary(v, STREAM_MIB) for n, v in huge_mib.items()},
-        "pinning": pinning.to_json(),
-        "machine_before": state_before,
-        "machine_after": harness.machine_state(),
+        **conditions.to_json(),
     }
     parts = [
         f"{mode} "

@@ -42,9 +42,7 @@ def main() -> None:
     parser.add_argument("--args", default="", help="extra bench.elf arguments (e.g. n_alu=1000000)")
     harness.add_arguments(parser, harness.Plan(min_rounds=10, max_rounds=20, time_cap_s=480))
     args = parser.parse_args()
-    pinning = harness.Pinning.split(args.pin)
-    pinning.apply_measured()
-    state_before = harness.machine_state()
+    conditions = harness.Conditions.pinned(args)
     khz = host_tsc_khz()
     workloads = args.run.split(",")
     bench_args = f"run={args.run} mark=1 {args.args}".strip()
@@ -74,16 +72,13 @@ def main() -> None:
         return once
 
     configs = {p: measured(p, runners[p]) for p in platforms}
-    baseline = "native" if "native" in configs else platforms[0]
-    if args.aa:
-        configs = {n: measured(n, runners[args.aa]) for n in (args.aa, f"{args.aa}'")}
-        baseline = args.aa
-    target = [f"{w}_cpu" for w in workloads]
-    rounds = harness.run_rounds(
+    rounds, baseline = harness.compare(
+        args,
         configs,
-        baseline,
-        harness.plan_from(args, target),
-        progress=harness.stderr_progress("overhead"),
+        "native" if "native" in configs else platforms[0],
+        "overhead",
+        [f"{w}_cpu" for w in workloads],
+        aa_runner=lambda side: measured(side, runners[args.aa]),
     )
     out = rounds.to_json()
     seconds = {
@@ -111,9 +106,7 @@ def main() -> None:
             "stream_mib": STREAM_MIB,
             **{n: harness.backing_summary(v, STREAM_MIB) for n, v in huge_mib.items()},
         },
-        "pinning": pinning.to_json(),
-        "machine_before": state_before,
-        "machine_after": harness.machine_state(),
+        **conditions.to_json(),
     }
     parts = []
     for name, per in out["ratios"].items():

@@ -257,9 +257,7 @@ def main() -> None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     if not (KERNELS / "webkv-native").exists():
         sys.exit("build/webkv-native is missing (make -C guest_kernels)")
-    pinning = harness.Pinning.split(args.pin)
-    pinning.apply_measured()
-    state_before = harness.machine_state()
+    conditions = harness.Conditions.pinned(args)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(PUT_SCRIPT)
         put_script = f.name
@@ -276,7 +274,7 @@ def main() -> None:
                 args.seconds,
                 args.connections,
                 put_script,
-                pinning,
+                conditions.pinning,
                 server,
                 args.kvload_seconds,
                 args.window_ms / 1000,
@@ -296,12 +294,8 @@ def main() -> None:
         for server in servers
     }
     baseline = names[-1] if "native" not in servers else f"native-{next(iter(places))}"
-    if args.aa:
-        configs, baseline = harness.aa_configs(configs, args.aa), args.aa
     try:
-        rounds = harness.run_rounds(
-            configs, baseline, harness.plan_from(args), progress=harness.stderr_progress("webkv")
-        )
+        rounds, baseline = harness.compare(args, configs, baseline, "webkv")
     finally:
         os.unlink(put_script)
     out = rounds.to_json()
@@ -323,9 +317,7 @@ def main() -> None:
         **out,
         "pyvmm_over_native": versus,
         "errors": {name: e for name, e in errors.items() if e},
-        "pinning": pinning.to_json(),
-        "machine_before": state_before,
-        "machine_after": harness.machine_state(),
+        **conditions.to_json(),
     }
     medians = out["configs"]
     shown = (
