@@ -18,9 +18,7 @@ Reports per-outcome counts, the invariant's record, failed requests and lost wri
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ from common import report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from kvload import KvLoad
-from online_upgrade import KERNELS, Node, pyvmm
+from online_upgrade import Node
 
 from pyvmm.control_client import call
 from pyvmm.microvisor.maintenance import FAULTS
@@ -97,13 +95,7 @@ def run(upgrades: int, clients: int, seed: int, workdir: str | None) -> dict:
         for i in range(upgrades):
             kind, extra = choose(rng)
             target = "webkv-v2.elf" if version == "v1" else "webkv-v1.elf"
-            done = subprocess.run(
-                pyvmm("upgrade", node.control, "--to", str(KERNELS / target), "--json", *extra),
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            reply = json.loads(done.stdout.splitlines()[-1])
+            reply = node.request_upgrade(target, *extra)
             if not reply.get("ok"):
                 outcome = "request failed"
                 broken.append({"upgrade": i, "kind": kind, "error": reply.get("error")})

@@ -85,15 +85,19 @@ class Node:
             time.sleep(0.1)
         raise SystemExit("webkv did not come up")
 
-    def upgrade(self, kernel: str, *extra: str) -> tuple[dict, list[dict]]:
-        """Runs `pyvmm upgrade --json`; returns its report and the phase timeline."""
+    def request_upgrade(self, kernel: str, *extra: str) -> dict:
+        """Runs `pyvmm upgrade --json` to ``kernel`` (in guest_kernels/build); its reply."""
         done = subprocess.run(
             pyvmm("upgrade", self.control, "--to", str(KERNELS / kernel), "--json", *extra),
             capture_output=True,
             text=True,
             timeout=300,
         )
-        reply = json.loads(done.stdout.splitlines()[-1])
+        return json.loads(done.stdout.splitlines()[-1])
+
+    def upgrade(self, kernel: str, *extra: str) -> tuple[dict, list[dict]]:
+        """Runs `pyvmm upgrade --json`; returns its report and the phase timeline."""
+        reply = self.request_upgrade(kernel, *extra)
         if not reply.get("ok"):
             raise SystemExit(f"upgrade request failed: {reply.get('error')}")
         report = reply["result"]
