@@ -395,29 +395,20 @@ class BackEnd:
     def translate(self, uaddr: int, length: int) -> memoryview:
         """The bytes at front-end virtual address [uaddr, uaddr + length), within
         one region of the memory table; ValueError otherwise."""
-        for m in self.memory:
-            r = m.region
-            if (
-                length >= 0
-                and r.userspace_addr <= uaddr
-                and uaddr + length <= r.userspace_addr + r.memory_size
-            ):
-                start = uaddr - r.userspace_addr
-                return memoryview(m.map)[start : start + length]
-        raise ValueError(f"address {uaddr:#x}+{length:#x} is in no memory region")
+        return self._window("userspace_addr", uaddr, length, "address")
 
     def gpa(self, gpa: int, length: int) -> memoryview:
         """The bytes at guest-physical [gpa, gpa + length) (descriptors carry GPAs)."""
+        return self._window("guest_phys_addr", gpa, length, "guest-physical")
+
+    def _window(self, base: str, addr: int, length: int, what: str) -> memoryview:
+        """[addr, addr + length) within one region, ``base`` the region's field that
+        gives its start in that address space; ValueError otherwise."""
         for m in self.memory:
-            r = m.region
-            if (
-                length >= 0
-                and r.guest_phys_addr <= gpa
-                and gpa + length <= r.guest_phys_addr + r.memory_size
-            ):
-                start = gpa - r.guest_phys_addr
+            start = addr - getattr(m.region, base)
+            if length >= 0 and start >= 0 and start + length <= m.region.memory_size:
                 return memoryview(m.map)[start : start + length]
-        raise ValueError(f"guest-physical {gpa:#x}+{length:#x} is in no memory region")
+        raise ValueError(f"{what} {addr:#x}+{length:#x} is in no memory region")
 
     def _unmap(self) -> None:
         for m in self.memory:
