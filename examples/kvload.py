@@ -168,6 +168,20 @@ def run_client(
     n = 0
     interval = 2 / rate if rate > 0 else 0.0  # a PUT and a GET per round
     next_round = time.monotonic()
+
+    def write(method: str, key: str, value: bytes | None, label: str) -> bool:
+        """One write, in the history (its acknowledgement time once acknowledged) and
+        the samples; False, the failure noted, if the server did not acknowledge it."""
+        began = time.monotonic()
+        history.append(attempt := [key, method, value, began, None])
+        status, _ = _send(conn, method, f"/kv/{key}", value)
+        samples.append((method, began, time.monotonic()))
+        if status not in ((200, 201, 204) if method == "PUT" else (200, 204)):
+            failures.append(f"{label}: HTTP {status}")
+            return False
+        attempt[4] = time.monotonic()
+        return True
+
     if started is not None:
         started.release()
     while not stop.is_set():
@@ -177,14 +191,8 @@ def run_client(
         key, value = f"{prefix}{index}-{n}", f"value-{index}-{n}-{time.time_ns()}".encode()
         n += 1
         try:
-            started = time.monotonic()
-            history.append(attempt := [key, "PUT", value, started, None])
-            status, _ = _send(conn, "PUT", f"/kv/{key}", value)
-            samples.append(("PUT", started, time.monotonic()))
-            if status not in (200, 201, 204):
-                failures.append(f"PUT {key}: HTTP {status}")
+            if not write("PUT", key, value, f"PUT {key}"):
                 continue
-            attempt[4] = time.monotonic()
             acked[key] = value
             started = time.monotonic()
             status, body = _send(conn, "GET", f"/kv/{key}", None)
@@ -195,26 +203,14 @@ def run_client(
                 key = f"{prefix}{index}-{n - 2}"
                 value = f"again-{index}-{n}-{time.time_ns()}".encode()
                 acked.pop(key)  # unknown until acknowledged
-                started = time.monotonic()
-                history.append(attempt := [key, "PUT", value, started, None])
-                status, _ = _send(conn, "PUT", f"/kv/{key}", value)
-                samples.append(("PUT", started, time.monotonic()))
-                if status not in (200, 201, 204):
-                    failures.append(f"PUT {key} again: HTTP {status}")
+                if not write("PUT", key, value, f"PUT {key} again"):
                     continue
-                attempt[4] = time.monotonic()
                 acked[key] = value
             if n % 6 == 0 and f"{prefix}{index}-{n - 3}" in acked:
                 key = f"{prefix}{index}-{n - 3}"
                 acked.pop(key)
-                started = time.monotonic()
-                history.append(attempt := [key, "DELETE", None, started, None])
-                status, _ = _send(conn, "DELETE", f"/kv/{key}", None)
-                samples.append(("DELETE", started, time.monotonic()))
-                if status not in (200, 204):
-                    failures.append(f"DELETE {key}: HTTP {status}")
+                if not write("DELETE", key, None, f"DELETE {key}"):
                     continue
-                attempt[4] = time.monotonic()
                 deleted.add(key)
         except Exception as exc:
             failures.append(f"client {index}: {exc!r}")
