@@ -14,9 +14,9 @@ import time
 import pytest
 from conftest import KERNELS, ROOT
 from harness import GuestProcess
-from test_webkv import (  # the same assertions, against the native build
-    DISK_SIZE,
+from test_webkv import (  # the same assertions and disk fixture, against the native build
     WebKv,
+    disk,
     free_port,
     test_100_concurrent_keepalive_clients,
     test_curl_put_get_delete_status,
@@ -25,6 +25,7 @@ from test_webkv import (  # the same assertions, against the native build
 )
 
 __all__ = [
+    "disk",
     "test_100_concurrent_keepalive_clients",
     "test_curl_put_get_delete_status",
     "test_half_closed_and_abandoned_connections_do_not_block_others",
@@ -44,14 +45,6 @@ class WebKvNative(WebKv):
         args = [f"disk={disk}", f"forward=127.0.0.1:{self.port}=80", f"name={name}"]
         self.guest = GuestProcess(args, program=[str(NATIVE)])
         self.guest.expect(r"webkv: ready", timeout=10)
-
-
-@pytest.fixture
-def disk(tmp_path):
-    path = tmp_path / "kv.img"
-    with open(path, "wb") as f:
-        f.truncate(DISK_SIZE)
-    return path
 
 
 @pytest.fixture
