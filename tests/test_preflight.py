@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
-from test_upgrade import Node, control_request
+from test_upgrade import Node, control_request, upgrade_held_in_acquire
 
 from pyvmm.control_client import call
 
@@ -79,25 +78,10 @@ def test_preflight_refuses_a_virtualized_node(node, kernels):
 
 
 def test_preflight_refuses_a_busy_node(node, kernels):
-    # An upgrade held in its acquire phase (B never answers) for 3 s.
-    upgrade = {
-        "op": "upgrade",
-        "kernel": str(kernels / "webkv-v2.elf"),
-        "inject": "never-serving",
-        "timeouts": {"acquire": 3.0},
-    }
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(60)
-        s.connect(node.control)
-        s.sendall(json.dumps(upgrade).encode() + b"\n")
-        with s.makefile("rb") as reader:
-            assert "progress" in json.loads(reader.readline())  # it is running now
-            result = call(node.control, "preflight", kernel=str(kernels / "webkv-v2.elf"))
-            assert not result["ready"], result
-            assert result["problems"][0] == "the node is busy: upgrade is running"
-            for line in reader:  # progress lines, then the reply
-                if "ok" in json.loads(line):
-                    break
+    with upgrade_held_in_acquire(node.control, kernels / "webkv-v2.elf"):
+        result = call(node.control, "preflight", kernel=str(kernels / "webkv-v2.elf"))
+        assert not result["ready"], result
+        assert result["problems"][0] == "the node is busy: upgrade is running"
     assert call(node.control, "preflight", kernel=str(kernels / "webkv-v2.elf"))["ready"]
 
 

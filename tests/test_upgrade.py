@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from harness import GuestProcess
@@ -327,40 +329,26 @@ def test_four_consecutive_upgrades_alternate_partitions(node):
 
 
 def test_a_second_upgrade_at_the_same_time_is_refused(node):
-    # The first upgrade is held in its acquire phase (B never answers) for 3 s.
-    first = {
-        "op": "upgrade",
-        "kernel": str(node.kernels / "webkv-v2.elf"),
-        "inject": "never-serving",
-        "timeouts": {"acquire": 3.0},
-    }
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(60)
-        s.connect(node.control)
-        s.sendall(json.dumps(first).encode() + b"\n")
-        with s.makefile("rb") as reader:
-            assert "progress" in json.loads(reader.readline())  # it is running now
-            status, second = node.upgrade("v2")
-            assert status != 0 and "already running" in second["error"], second
-            assert second["code"] == "busy"
-            # Every other mutating operation is refused too, at once, and changes nothing.
-            for op, args in [
-                ("start", {"kernel": str(node.kernels / "probe.elf")}),
-                ("stop", {"name": "a"}),
-                ("virtualize", {}),
-                ("devirtualize", {}),
-                ("pause", {"name": "a"}),
-                ("resume", {"name": "a"}),
-                ("move", {"device": "com1", "to": "a"}),
-            ]:
-                asked = time.monotonic()
-                reply = control_request(node, op, **args)
-                assert (reply["ok"], reply["code"]) == (False, "busy"), (op, reply)
-                assert time.monotonic() - asked < 1.0
-            assert control_request(node, "status")["ok"]  # status is not mutating
-            reply = json.loads(reader.readline())
-            while "ok" not in reply:  # progress lines, then the reply
-                reply = json.loads(reader.readline())
+    with upgrade_held_in_acquire(node.control, node.kernels / "webkv-v2.elf") as first:
+        status, second = node.upgrade("v2")
+        assert status != 0 and "already running" in second["error"], second
+        assert second["code"] == "busy"
+        # Every other mutating operation is refused too, at once, and changes nothing.
+        for op, args in [
+            ("start", {"kernel": str(node.kernels / "probe.elf")}),
+            ("stop", {"name": "a"}),
+            ("virtualize", {}),
+            ("devirtualize", {}),
+            ("pause", {"name": "a"}),
+            ("resume", {"name": "a"}),
+            ("move", {"device": "com1", "to": "a"}),
+        ]:
+            asked = time.monotonic()
+            reply = control_request(node, op, **args)
+            assert (reply["ok"], reply["code"]) == (False, "busy"), (op, reply)
+            assert time.monotonic() - asked < 1.0
+        assert control_request(node, "status")["ok"]  # status is not mutating
+    reply = first["reply"]
     assert reply["ok"] and reply["result"]["rolled_back"], reply
     assert json.loads(node.get("/status")[1])["version"] == "v1"
 
@@ -407,6 +395,32 @@ def control_request(node, op: str, **request) -> dict:
                 message = json.loads(line)
                 if "ok" in message:
                     return message
+    raise AssertionError("no reply")
+
+
+@contextmanager
+def upgrade_held_in_acquire(control: str, kernel: Path, seconds: float = 3.0) -> Iterator[dict]:
+    """An upgrade to ``kernel`` held in its acquire phase for ``seconds`` (B boots with
+    fault=never-serving and never answers): running when the block starts; after it,
+    the upgrade's reply is the yielded dict's "reply"."""
+    upgrade = {
+        "op": "upgrade",
+        "kernel": str(kernel),
+        "inject": "never-serving",
+        "timeouts": {"acquire": seconds},
+    }
+    outcome: dict = {}
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(control)
+        s.sendall(json.dumps(upgrade).encode() + b"\n")
+        with s.makefile("rb") as reader:
+            assert "progress" in json.loads(reader.readline())  # it is running now
+            yield outcome
+            for line in reader:  # progress lines, then the reply
+                if "ok" in (message := json.loads(line)):
+                    outcome["reply"] = message
+                    return
     raise AssertionError("no reply")
 
 
