@@ -12,6 +12,7 @@ import time
 
 import pytest
 from irq_audit import Audit, GuestIrqLog, Raise, Turn, host_tsc
+from test_microvisor import run_scripted
 
 from pyvmm.cpu_state import IOAPIC, CpuState
 from pyvmm.devices.bus import Device
@@ -117,27 +118,7 @@ class Node:
         return audit
 
     def run(self, script, timeout: float = 120.0) -> RunResult:
-        errors: list[BaseException] = []
-
-        def driver() -> None:
-            try:
-                script()
-            except BaseException as exc:
-                errors.append(exc)
-            finally:
-                for instance in self.mv.live()[1:]:
-                    self.mv.stop(instance.name)
-                self.machine.call_on_vcpu(
-                    lambda: self.machine.stop(RunResult("stopped", 0, "test over"))
-                )
-
-        thread = threading.Thread(target=driver)
-        thread.start()
-        result = self.mv.run(timeout)
-        thread.join(10)
-        if errors:
-            raise errors[0]
-        return result
+        return run_scripted(self.mv, script, timeout)
 
 
 @pytest.fixture

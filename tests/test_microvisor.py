@@ -54,38 +54,41 @@ class Node:
         raise AssertionError(f"console never showed {pattern!r}: {self.text!r}")
 
     def run_with(self, script: Callable[[Node], None], timeout: float = 20.0):
-        errors: list[BaseException] = []
-
-        def driver() -> None:
-            try:
-                script(self)
-            except BaseException as exc:
-                errors.append(exc)
-            finally:
-                # End the run: spinning instances never exit by themselves, and ending
-                # the run's current instance retires only that one.
-                for instance in self.mv.live()[1:]:
-                    try:
-                        self.mv.stop(instance.name)
-                    except MicrovisorError:
-                        pass
-                self.machine.call_on_vcpu(self._end)
-
-        thread = threading.Thread(target=driver)
-        thread.start()
-        result = self.mv.run(timeout)
-        thread.join(5)
-        if errors:
-            raise errors[0]
-        return result
-
-    def _end(self) -> None:
-        from pyvmm.machine import RunResult
-
-        self.machine.stop(RunResult("stopped", 0, "test over"))
+        return run_scripted(self.mv, lambda: script(self), timeout)
 
     def kernel(self, name: str) -> str:
         return str(self.kernels / name)
+
+
+def run_scripted(mv: Microvisor, script: Callable[[], None], timeout: float):
+    """mv.run(timeout) while ``script`` drives the node from another thread; then the
+    run is ended (spinning instances never exit by themselves, and ending the run's
+    current instance retires only that one: every other live one is stopped first).
+    The script's exception, if any, is raised here."""
+    from pyvmm.machine import RunResult
+
+    errors: list[BaseException] = []
+
+    def driver() -> None:
+        try:
+            script()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            for instance in mv.live()[1:]:
+                try:
+                    mv.stop(instance.name)
+                except MicrovisorError:
+                    pass
+            mv.machine.call_on_vcpu(lambda: mv.machine.stop(RunResult("stopped", 0, "test over")))
+
+    thread = threading.Thread(target=driver)
+    thread.start()
+    result = mv.run(timeout)
+    thread.join(10)
+    if errors:
+        raise errors[0]
+    return result
 
 
 @pytest.fixture
