@@ -34,6 +34,12 @@ def last_int(node: Node, pattern: str) -> int:
     return int(found[-1]) if found else 0
 
 
+def computes_on(node: Node) -> None:
+    """a (probe=compute) completes 16 more rounds, every one without a wrong result."""
+    rounds = last_int(node, r"^probe: compute rounds=(\d+)")
+    node.wait_for(rf"^probe: compute rounds={rounds + 16} errors=0", 30)
+
+
 @pytest.mark.parametrize("intruder", ["b", "a"])
 def test_a_scribbler_changes_no_byte_of_the_other_partition(kernels, intruder):
     """The intruder reads and writes one word in every page of the victim's partition,
@@ -109,13 +115,9 @@ def test_an_instruction_fetch_from_the_other_partition_stops_the_intruder(kernel
         n.mv.virtualize()
         n.mv.start(n.kernel("probe.elf"), "console=ttyS1 probe=scribble exec=1 size=4096")
         n.wait_for(r"^\[i1\] probe: scribble exec=0x1000", 30)
-        deadline = time.monotonic() + 10
-        while n.mv.instances["i1"].live and time.monotonic() < deadline:
-            time.sleep(0.01)
-        intruder = n.mv.instances["i1"]
+        intruder = n.wait_ended("i1")
         assert intruder.result is not None and intruder.result.reason == "internal-error"
-        rounds = last_int(n, r"^probe: compute rounds=(\d+)")
-        n.wait_for(rf"^probe: compute rounds={rounds + 16} errors=0", 30)
+        computes_on(n)
         n.mv.devirtualize()
 
     result = node.run_with(script, timeout=60)
@@ -137,14 +139,10 @@ def test_an_instance_that_exits_by_port_io_leaves_the_other_intact(kernels):
             name = f"x{i}"
             action = "exit:7" if i % 2 else "user-exit-rep:7"
             n.mv.start(n.kernel("probe.elf"), f"console=ttyS1 probe={action}", name=name)
-            deadline = time.monotonic() + 10
-            while n.mv.instances[name].live and time.monotonic() < deadline:
-                time.sleep(0.005)
-            result = n.mv.instances[name].result
+            result = n.wait_ended(name, poll=0.005).result
             assert result is not None and (result.reason, result.status) == ("exit", 7)
             assert n.mv.instances["a"].live, n.mv.instances["a"].result
-        rounds = last_int(n, r"^probe: compute rounds=(\d+)")
-        n.wait_for(rf"^probe: compute rounds={rounds + 16} errors=0", 30)
+        computes_on(n)
         n.mv.devirtualize()
 
     result = node.run_with(script, timeout=90)

@@ -53,6 +53,13 @@ class Node:
             time.sleep(0.01)
         raise AssertionError(f"console never showed {pattern!r}: {self.text!r}")
 
+    def wait_ended(self, name: str, timeout: float = 10.0, poll: float = 0.01):
+        """Wait (at most ``timeout``) for instance ``name`` to end; the instance."""
+        deadline = time.monotonic() + timeout
+        while self.mv.instances[name].live and time.monotonic() < deadline:
+            time.sleep(poll)
+        return self.mv.instances[name]
+
     def run_with(self, script: Callable[[Node], None], timeout: float = 20.0):
         return run_scripted(self.mv, lambda: script(self), timeout)
 
@@ -193,9 +200,7 @@ def test_access_to_another_instances_device_is_refused(node):
         n.mv.virtualize()
         # b is told to use COM1, which a owns: its console writes must go nowhere.
         n.mv.start(n.kernel("probe.elf"), "console=ttyS0 probe=exit:0", name="b")
-        deadline = time.monotonic() + 10
-        while n.mv.instances["b"].live and time.monotonic() < deadline:
-            time.sleep(0.01)
+        n.wait_ended("b")
         assert n.mv.instances["b"].refused > 0
 
     node.run_with(script)
@@ -206,9 +211,7 @@ def test_a_crash_retires_only_that_instance(node):
     def script(n: Node) -> None:
         n.mv.virtualize()
         n.mv.start(n.kernel("probe.elf"), "console=ttyS1 probe=triple-fault", name="b")
-        deadline = time.monotonic() + 10
-        while n.mv.instances["b"].live and time.monotonic() < deadline:
-            time.sleep(0.01)
+        n.wait_ended("b")
         b = n.mv.instances["b"]
         assert not b.live and b.result is not None and b.result.reason == "shutdown"
         assert n.mv.instances["a"].live
@@ -229,9 +232,7 @@ def test_device_interrupt_reaches_its_owner_after_being_held(kernels):
             time.sleep(0.2)
             n.machine.com1.feed(b"for a only\n")
             n.wait_for(r'probe: echo="for a only" irqs=\d+')
-            deadline = time.monotonic() + 5
-            while n.mv.instances["a"].live and time.monotonic() < deadline:
-                time.sleep(0.01)
+            n.wait_ended("a", 5)
             assert n.mv.instances["a"].result.status == 0
             assert n.mv.instances["b"].live
 
