@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include "host_clock.h"
 #include "work.h"
 
 const int plat_has_portio = 0;
@@ -83,28 +84,12 @@ void plat_free_all(void)
 	}
 }
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000000000ULL + ts.tv_nsec;
-}
-
 uint64_t plat_cpu_ns(void)
 {
 	struct timespec ts;
 
 	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
 	return ts.tv_sec * 1000000000ULL + ts.tv_nsec;
-}
-
-static uint64_t rdtsc_(void)
-{
-	uint32_t lo, hi;
-
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return ((uint64_t)hi << 32) | lo;
 }
 
 int main(int argc, char **argv)
@@ -116,12 +101,8 @@ int main(int argc, char **argv)
 	if (khz && *khz) {
 		plat_tsc_khz = strtoull(khz, NULL, 10);
 		plat_tsc_source = "cmdline";
-	} else {	/* 50 ms against CLOCK_MONOTONIC */
-		uint64_t n0 = now_ns(), t0 = rdtsc_(), n1, t1;
-		while ((n1 = now_ns()) - n0 < 50000000)
-			;
-		t1 = rdtsc_();
-		plat_tsc_khz = (t1 - t0) * 1000000 / (n1 - n0);
+	} else {
+		plat_tsc_khz = host_tsc_khz(50000000);	/* 50 ms */
 		plat_tsc_source = "clock_gettime";
 	}
 	return bench_main();

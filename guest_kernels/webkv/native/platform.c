@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <sys/timerfd.h>
 #include "uapi.h"
+#include "host_clock.h"
 #include "native.h"
 
 #define MAX_FORWARDS	8
@@ -48,31 +49,10 @@ const char *native_forward(uint32_t vsock_port)
 	return NULL;
 }
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000000000ULL + ts.tv_nsec;
-}
-
-static uint64_t rdtsc_(void)
-{
-	uint32_t lo, hi;
-
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return ((uint64_t)hi << 32) | lo;
-}
-
 /* The TSC against CLOCK_MONOTONIC (20 ms), for ulib's uclock_ns(). */
 static void calibrate_tsc(void)
 {
-	uint64_t n0 = now_ns(), t0 = rdtsc_(), n1, t1;
-
-	while ((n1 = now_ns()) - n0 < 20000000)
-		;
-	t1 = rdtsc_();
-	info.tsc_khz = (t1 - t0) * 1000000 / (n1 - n0);
+	info.tsc_khz = host_tsc_khz(20000000);
 	info.ns_mult = (uint64_t)((1000000ULL << 32) / info.tsc_khz);
 	snprintf(info.tsc_source, sizeof(info.tsc_source), "clock_gettime");
 }
@@ -128,7 +108,7 @@ int64_t syscall3(uint64_t nr, uint64_t a, uint64_t b, uint64_t c)
 	case SYS_exit:
 		exit((int)a);
 	case SYS_clock_ns:
-		return ((unsigned __int128)rdtsc_() * info.ns_mult) >> 32;
+		return ((unsigned __int128)host_rdtsc() * info.ns_mult) >> 32;
 	case SYS_wait_interrupt:
 		return wait_interrupt();
 	case SYS_timer:
