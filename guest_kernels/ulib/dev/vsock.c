@@ -71,17 +71,7 @@ static void free_conn(struct vsock *vs, struct vs_conn *c)
 		pp = &(*pp)->hnext;
 	if (*pp)
 		*pp = c->hnext;
-	vs_unmark_dirty(vs, c);
-	if (c->state == VS_CLOSING)
-		vs->timed--;
-	ufree(c->rbuf);
-	ufree(c->tbuf);
-	c->rbuf = c->tbuf = NULL;
-	c->state = VS_FREE;
-	c->user = NULL;
-	c->hnext = vs->free_conns;
-	vs->free_conns = c;
-	vs->nconns--;
+	vs_conn_release(vs, c);
 }
 
 /* ---- transmit ---- */

@@ -33,6 +33,21 @@ void vs_unmark_dirty(struct vsock *vs, struct vs_conn *c)
 	c->dprev = c->dnext = NULL;
 }
 
+void vs_conn_release(struct vsock *vs, struct vs_conn *c)
+{
+	vs_unmark_dirty(vs, c);
+	if (c->state == VS_CLOSING)
+		vs->timed--;
+	ufree(c->rbuf);
+	ufree(c->tbuf);
+	c->rbuf = c->tbuf = NULL;
+	c->state = VS_FREE;
+	c->user = NULL;
+	c->hnext = vs->free_conns;
+	vs->free_conns = c;
+	vs->nconns--;
+}
+
 uint32_t vs_rbuf_consume(struct vs_conn *c, uint32_t n)
 {
 	if (n > c->rend - c->rstart)

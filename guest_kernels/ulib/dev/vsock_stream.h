@@ -15,6 +15,9 @@
 /* Queue c for the next vs_flush (no-op if queued already or free). */
 void vs_mark_dirty(struct vsock *vs, struct vs_conn *c);
 void vs_unmark_dirty(struct vsock *vs, struct vs_conn *c);
+/* Back to the free list: off the dirty list, out of the close timers, buffers
+ * freed (the transport has already forgotten c). */
+void vs_conn_release(struct vsock *vs, struct vs_conn *c);
 /* Drop up to n bytes of unread input, counting them in fwd_cnt; returns how many. */
 uint32_t vs_rbuf_consume(struct vs_conn *c, uint32_t n);
 /* If every queued byte is sent: rewind the output buffer, free it if large. */

@@ -77,17 +77,7 @@ static void free_conn(struct vsock *vs, struct vs_conn *c, int rst)
 	close(host[i].fd);
 	host[i].fd = -1;
 	host[i].gen++;
-	vs_unmark_dirty(vs, c);
-	if (c->state == VS_CLOSING)
-		vs->timed--;
-	ufree(c->rbuf);
-	ufree(c->tbuf);
-	c->rbuf = c->tbuf = NULL;
-	c->state = VS_FREE;
-	c->user = NULL;
-	c->hnext = vs->free_conns;
-	vs->free_conns = c;
-	vs->nconns--;
+	vs_conn_release(vs, c);
 	if (lpaused)
 		listeners_on(vs, 1);
 }
