@@ -94,9 +94,8 @@ def test_a_scribbler_changes_no_byte_of_the_other_partition(kernels, intruder):
         status = {i["name"]: i for i in n.mv.status()["instances"]}
         assert status[intruder]["refused_memory_accesses"] == 2 * PAGES * PASSES
 
-    result = node.run_with(script, timeout=180)
+    result = node.run_then_close(script, timeout=180)
     text = node.text
-    node.machine.close()
     assert result.reason == "stopped", result.message
     errors = re.findall(rf"^{label[victim]}probe: compute rounds=\d+ errors=(\d+)", text, re.M)
     assert errors and set(errors) == {"0"}
@@ -120,8 +119,7 @@ def test_an_instruction_fetch_from_the_other_partition_stops_the_intruder(kernel
         computes_on(n)
         n.mv.devirtualize()
 
-    result = node.run_with(script, timeout=60)
-    node.machine.close()
+    result = node.run_then_close(script, timeout=60)
     assert result.reason == "stopped", result.message
     assert "scribble exec returned" not in node.text
 
@@ -145,7 +143,6 @@ def test_an_instance_that_exits_by_port_io_leaves_the_other_intact(kernels):
         computes_on(n)
         n.mv.devirtualize()
 
-    result = node.run_with(script, timeout=90)
-    node.machine.close()
+    result = node.run_then_close(script, timeout=90)
     assert result.reason == "stopped", result.message
     assert "CRASH" not in node.text

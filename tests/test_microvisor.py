@@ -63,6 +63,13 @@ class Node:
     def run_with(self, script: Callable[[Node], None], timeout: float = 20.0):
         return run_scripted(self.mv, lambda: script(self), timeout)
 
+    def run_then_close(self, script: Callable[[Node], None], timeout: float = 20.0):
+        """run_with, then the machine closed, whether or not the run succeeded."""
+        try:
+            return self.run_with(script, timeout)
+        finally:
+            self.machine.close()
+
     def kernel(self, name: str) -> str:
         return str(self.kernels / name)
 

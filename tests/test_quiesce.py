@@ -109,10 +109,7 @@ def test_stop_with_block_requests_in_flight_writes_nothing_afterwards(kernels, d
         seen["served_after"] = backend.requests
         n.mv.devirtualize()
 
-    try:
-        node.run_with(script)
-    finally:
-        node.machine.close()
+    node.run_then_close(script)
     assert seen["running"] == 0
     assert 0 < seen["served"] < REQUESTS  # work was still queued when b was stopped
     assert seen["served_after"] == seen["served"]
@@ -154,10 +151,7 @@ def test_an_instance_that_powers_off_is_quiesced_before_its_partition_is_reused(
         n.mv.stop("c")
         n.mv.devirtualize()
 
-    try:
-        node.run_with(script)
-    finally:
-        node.machine.close()
+    node.run_then_close(script)
     assert seen["partition"] == 1 and seen["running"] == 0
     assert 0 < seen["served"] < REQUESTS
     assert seen["buffers_zero"]
@@ -188,10 +182,7 @@ def test_a_partition_is_not_reused_while_io_into_it_runs(kernels, disk, monkeypa
         n.mv.stop("c")
         n.mv.devirtualize()
 
-    try:
-        node.run_with(script)
-    finally:
-        node.machine.close()
+    node.run_then_close(script)
     assert 0.15 < seen["stop_s"] < 2.0
     assert seen["unquiesced"] == {"1": ["blk1"]} and seen["unquiesced_after"] == {}
     assert seen["partition"] == 1
