@@ -638,26 +638,6 @@ void vs_abort(struct vsock *vs, struct vs_conn *c)
 	free_conn(vs, c);
 }
 
-uint64_t vs_timers(struct vsock *vs, uint64_t now)
-{
-	uint64_t next = 0;
-
-	if (!vs->timed)
-		return 0;
-	for (unsigned i = 0; i < VS_MAX_CONNS; i++) {
-		struct vs_conn *c = &vs->conns[i];
-		if (c->state != VS_CLOSING)
-			continue;
-		if (now >= c->deadline) {
-			queue_rst(vs, c->local_port, c->peer_port);
-			free_conn(vs, c);
-		} else if (!next || c->deadline < next) {
-			next = c->deadline;
-		}
-	}
-	return next;
-}
-
 /* ---- interrupts ---- */
 
 int vs_arm(struct vsock *vs)

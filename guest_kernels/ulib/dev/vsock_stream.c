@@ -115,3 +115,22 @@ int vs_send(struct vsock *vs, struct vs_conn *c, const void *p, size_t n)
 	vs_send_commit(vs, c, n);
 	return 0;
 }
+
+/* A connection still closing at its deadline is reset (vs_abort: RST). */
+uint64_t vs_timers(struct vsock *vs, uint64_t now)
+{
+	uint64_t next = 0;
+
+	if (!vs->timed)
+		return 0;
+	for (unsigned i = 0; i < VS_MAX_CONNS; i++) {
+		struct vs_conn *c = &vs->conns[i];
+		if (c->state != VS_CLOSING)
+			continue;
+		if (now >= c->deadline)
+			vs_abort(vs, c);
+		else if (!next || c->deadline < next)
+			next = c->deadline;
+	}
+	return next;
+}

@@ -3,7 +3,8 @@
  * output buffers and the list of connections with output to flush.  Shared by
  * the virtio driver (ulib/dev/vsock.c) and webkv-native's TCP one
  * (webkv/native/vsock.c), which differ only in how bytes reach the peer.
- * vs_send, vs_send_reserve and vs_send_commit (declared in vsock.h) live here too.
+ * vs_send, vs_send_reserve, vs_send_commit and vs_timers (declared in vsock.h)
+ * live here too; vs_timers resets with the transport's vs_abort.
  */
 #ifndef ULIB_DEV_VSOCK_STREAM_H
 #define ULIB_DEV_VSOCK_STREAM_H

@@ -346,24 +346,6 @@ int vs_arm(struct vsock *vs) { (void)vs; return 0; }	/* epoll is level-triggered
 void vs_disarm(struct vsock *vs) { (void)vs; }
 void vs_interrupt(struct vsock *vs) { (void)vs; }	/* vs_poll takes the events */
 
-uint64_t vs_timers(struct vsock *vs, uint64_t now)
-{
-	uint64_t next = 0;
-
-	if (!vs->timed)
-		return 0;
-	for (unsigned i = 0; i < VS_MAX_CONNS; i++) {
-		struct vs_conn *c = &vs->conns[i];
-		if (c->state != VS_CLOSING)
-			continue;
-		if (now >= c->deadline)
-			free_conn(vs, c, 1);
-		else if (!next || c->deadline < next)
-			next = c->deadline;
-	}
-	return next;
-}
-
 void vs_consume(struct vsock *vs, struct vs_conn *c, uint32_t n)
 {
 	unsigned i = idx(vs, c);
