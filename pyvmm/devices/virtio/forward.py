@@ -26,6 +26,9 @@ had taken but not answered; streams that cannot go on are closed.
 A refusal (RST to our REQUEST) closes the client's connection, unless
 ``retry_refused`` seconds are given: then the request is repeated with back-off for
 that long, which covers a new instance whose service is not listening yet.
+
+Imports go one way: ``vsock`` → ``vsock_conn`` → ``forward``. A listener knows its
+device only as a ``ListenerDevice`` (what it calls of it), not as ``VirtioVsock``.
 """
 
 from __future__ import annotations
@@ -34,10 +37,7 @@ import socket
 import struct
 import threading
 from collections import deque
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from .vsock import VirtioVsock
+from typing import Protocol
 
 DEFAULT_BACKLOG = 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends RST
@@ -47,8 +47,27 @@ _open = 0
 
 
 def open_listeners() -> int:
-    """Host listeners created and not yet closed (``status`` shows leaks with it)."""
+    """Host listeners created and not yet closed in this process, of any kind (a
+    back-end process's listener has one here: ``count_listener``); ``status`` shows
+    leaks with it."""
     return _open
+
+
+def count_listener(delta: int) -> None:
+    """A listener of another kind was opened (+1) or closed (-1)."""
+    global _open
+    with _count_lock:
+        _open += delta
+
+
+class ListenerDevice(Protocol):
+    """What a ``HostListener`` calls of the device it is attached to."""
+
+    def add_listener(self, listener: HostListener) -> None: ...
+
+    def remove_listener(self, listener: HostListener) -> None: ...
+
+    def notify(self, queue: int) -> None: ...
 
 
 class Parked:
@@ -81,6 +100,22 @@ def close_socket(sock: socket.socket, abortive: bool = False) -> None:
         pass
 
 
+def listening_socket(
+    host_addr: str, host_port: int, backlog: int = DEFAULT_BACKLOG
+) -> socket.socket:
+    """A TCP socket bound to ``host_addr:host_port`` (0: any free port) and listening."""
+    family = socket.AF_INET6 if ":" in host_addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host_addr, host_port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class HostListener:
     def __init__(
         self,
@@ -89,23 +124,18 @@ class HostListener:
         guest_port: int,
         backlog: int = DEFAULT_BACKLOG,
         retry_refused: float = 0.0,
+        sock: socket.socket | None = None,
     ) -> None:
+        """Listen on ``host_addr:host_port``, or take over ``sock``, a socket already
+        listening (a back-end process gets the VMM's, whose listen queue outlives it)."""
         self.guest_port = guest_port
         self.retry_refused = retry_refused
-        family = socket.AF_INET6 if ":" in host_addr else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind((host_addr, host_port))
-            self.sock.listen(backlog)
-            self.sock.setblocking(False)
-        except OSError:
-            self.sock.close()
-            raise
+        self.sock = listening_socket(host_addr, host_port, backlog) if sock is None else sock
+        self.sock.setblocking(False)
         self.fd = self.sock.fileno()
         # Accepted connections not (or no longer) connected to a guest, oldest first.
         self.pending: deque[Parked] = deque()
-        self.device: VirtioVsock | None = None
+        self.device: ListenerDevice | None = None
         self._lock = threading.Lock()  # serialises attach/detach
         self._closed = False
         global _open
@@ -116,7 +146,7 @@ class HostListener:
     def address(self) -> tuple[str, int]:
         return self.sock.getsockname()[:2]
 
-    def attach(self, device: VirtioVsock) -> None:
+    def attach(self, device: ListenerDevice) -> None:
         with self._lock:
             if self.device is device:
                 return
@@ -126,7 +156,7 @@ class HostListener:
             device.add_listener(self)
             self.device = device
 
-    def detach(self, device: VirtioVsock | None = None) -> None:
+    def detach(self, device: ListenerDevice | None = None) -> None:
         """Stop forwarding (only from ``device``, if given); connections that arrive
         from now on wait."""
         with self._lock:
