@@ -410,7 +410,23 @@ def children_cpu_s() -> float:
 
 # ---- memory backing ----
 
-BACKING_KEYS = ("Rss", "AnonHugePages", "ShmemPmdMapped", "FilePmdMapped")
+BACKING_KEYS = ("Rss", "RssShmem", "AnonHugePages", "ShmemPmdMapped", "FilePmdMapped")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process it started, and they started (any thread's
+    children, from /proc/PID/task/*/children), parents first; [] once it is gone."""
+    tree, todo = [], [pid]
+    while todo:
+        parent = todo.pop(0)
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        tree.append(parent)
+        for task in tasks:
+            todo += [int(child) for child in _read(f"/proc/{parent}/task/{task}/children").split()]
+    return tree
 
 
 def smaps_rollup(pid: int) -> dict[str, int]:

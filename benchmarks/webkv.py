@@ -160,15 +160,7 @@ class Server:
         """CPU time the server process and its children (back-end processes) have
         used, all their threads, from /proc: unlike wall-clock figures it does not
         grow while other processes hold the CPUs."""
-        pid = self.process.pid
-        pids = [pid]
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    pids += [int(child) for child in f.read().split()]
-        except OSError:
-            pass
-        return sum(_process_cpu_s(p) for p in pids)
+        return sum(_process_cpu_s(p) for p in harness.process_tree(self.process.pid))
 
 
 def _process_cpu_s(pid: int) -> float:

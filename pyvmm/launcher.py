@@ -24,6 +24,9 @@ BOOT_OPTIONS: dict[str, tuple[str, type, object]] = {
     "--cmdline": ("cmdline", str, "console=ttyS0"),
     "--timeout": ("timeout", float, None),
     "--control": ("control", str, None),
+    "--disk": ("disk", str, None),
+    "--forward": ("forward", list, None),
+    "--device-backends": ("device_backends", str, "thread"),
 }
 
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
