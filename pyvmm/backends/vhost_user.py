@@ -365,6 +365,15 @@ class _Mapping:
     map: mmap.mmap
 
 
+def _accepted(payload: bytes, offered: int, what: str) -> int:
+    """The features a SET_FEATURES or SET_PROTOCOL_FEATURES message chooses: only
+    bits that were offered."""
+    (features,) = U64.unpack(payload)
+    if features & ~offered:
+        raise ValueError(f"{what} {features & ~offered:#x} were not offered")
+    return features
+
+
 class BackEnd:
     """The device process's side of one connection: the protocol's state, checked.
 
@@ -512,17 +521,13 @@ class BackEnd:
             case Request.GET_FEATURES:
                 return U64.pack(self.offered)
             case Request.SET_FEATURES:
-                (features,) = U64.unpack(msg.payload)
-                if features & ~self.offered:
-                    raise ValueError(f"features {features & ~self.offered:#x} were not offered")
-                self.features = features
+                self.features = _accepted(msg.payload, self.offered, "features")
             case Request.GET_PROTOCOL_FEATURES:
                 return U64.pack(self.offered_protocol)
             case Request.SET_PROTOCOL_FEATURES:
-                (features,) = U64.unpack(msg.payload)
-                if features & ~self.offered_protocol:
-                    raise ValueError(f"protocol features {features:#x} were not offered")
-                self.protocol_features = features
+                self.protocol_features = _accepted(
+                    msg.payload, self.offered_protocol, "protocol features"
+                )
             case Request.GET_QUEUE_NUM:
                 return U64.pack(len(self.vrings))
             case Request.SET_MEM_TABLE:
