@@ -7,10 +7,11 @@ as ``blkN``: one image with a front-end per partition under a write lease (see
 lease, not a device, so a standby instance has its driver set up and can read the
 disk before it owns it. Forwarded ports start on ``vsock0``.
 
-With ``backends="process"`` each disk front-end is served by a back-end process
-(``pyvmm.backends.blk``, vhost-user) mapping only its partition; partition 0's holds
-the write lease and the others' are fenced. The lease cannot move between processes
-yet, so such a node refuses to be virtualized (and so to be upgraded).
+With ``backends="process"`` the disk is served by ONE back-end process
+(``pyvmm.backends.blk``) for every partition's front-end, each over its own vhost-user
+connection mapping only its partition; the write lease lives in that process and
+``give_disk`` moves it with a control op (``BlkProcess.grant``). Such a node still
+refuses to be virtualized until the back-ends' interrupts can be routed to an owner.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from .backends.blk_front import BlkProcess
     from .devices.virtio import HostListener, VirtioBlk, VirtioVsock
     from .devices.virtio.blk import WriteLease
     from .devices.virtio.blk_journal import WriteJournal
@@ -62,13 +64,17 @@ class ServiceDevices:
     def __init__(self) -> None:
         self.vsocks: list[VirtioVsock] = []  # by partition
         self.disks: list[VirtioBlk] = []  # front-ends of the one disk, by partition
-        self.lease: WriteLease | None = None  # which of them may write
+        # which of them may write: a WriteLease, or with process back-ends the
+        # BlkProcess, which keeps it inside the back-end (same holder/grant)
+        self.lease: WriteLease | BlkProcess | None = None
         self.listeners: list[HostListener] = []  # on vsock0 at first
         self.journal: WriteJournal | None = None
         self.backends = "thread"  # or "process": the disk front-ends' back-ends
 
     def backend_status(self) -> dict[str, object]:
-        """Each back-end process (pid, alive, exit status, error); {} with threads."""
+        """Per front-end served by a back-end process: that process's pid, alive,
+        exit status, error, restarts, last death (one process serves them all);
+        {} with threads."""
         return {
             f"blk{i}": disk.describe()  # type: ignore[attr-defined]
             for i, disk in enumerate(self.disks)
@@ -83,9 +89,7 @@ class ServiceDevices:
     def give_disk(self, partition: int) -> None:
         """Move the write lease; returns once the previous writer can write no more."""
         assert self.lease is not None
-        if self.backends == "process" and self.disks[partition] is not self.lease.holder:
-            raise UsageError("the disk's write lease cannot move between back-end processes")
-        self.lease.grant(self.disks[partition])
+        self.lease.grant(self.disks[partition])  # type: ignore[arg-type]
 
     def close(self) -> None:
         for listener in self.listeners:
@@ -115,7 +119,7 @@ def add_service_devices(
         devices.lease = lease = WriteLease()
         journal = None
         if backends == "process":
-            _add_process_disks(machine, disk, devices)
+            devices.lease = lease = _add_process_disks(machine, disk, devices)  # type: ignore[assignment]
         elif os.environ.get(DISK_JOURNAL_ENV):  # power-cut checks (blk_journal.py)
             from .devices.virtio.blk_journal import WriteJournal
 
@@ -138,9 +142,11 @@ def add_service_devices(
     return devices
 
 
-def _add_process_disks(machine: Machine, disk: str, devices: ServiceDevices) -> None:
-    """One back-end process per partition's front-end, each mapping that partition."""
-    from .backends.process import BackendError, ProcessBlk
+def _add_process_disks(machine: Machine, disk: str, devices: ServiceDevices) -> BlkProcess:
+    """One back-end process for the disk, a front-end per partition in it, each
+    mapping only its partition; the process holds the write lease."""
+    from .backends.blk_front import BlkProcess, ProcessBlk
+    from .backends.process import BackendError
 
     if os.environ.get(DISK_JOURNAL_ENV):
         raise UsageError(f"{DISK_JOURNAL_ENV} needs --device-backends thread")
@@ -150,12 +156,20 @@ def _add_process_disks(machine: Machine, disk: str, devices: ServiceDevices) -> 
         "device back-ends run in their own processes (--device-backends process): "
         "routing their interrupts to an owner is not supported yet"
     )
+    try:
+        process = BlkProcess(disk)
+    except (BackendError, OSError) as exc:
+        raise UsageError(f"--disk {disk}: {exc}") from None
     for partition in machine.memory.partitions:
         name = f"blk{partition.index}"
         window = (partition.base, partition.size)
         try:
-            backend = ProcessBlk(machine.memory, window, disk, name, fenced=partition.index != 0)
+            backend = ProcessBlk(process, machine.memory, window, name, partition.index)
         except (BackendError, OSError) as exc:
+            for front in devices.disks:
+                front.close()
+            process.close()
             raise UsageError(f"--disk {disk}: {name}: {exc}") from None
         machine.attach_virtio(name, backend, partition.index)
         devices.disks.append(backend)  # type: ignore[arg-type]
+    return process

@@ -1,6 +1,7 @@
 """virtio-blk served by its back-end process (pyvmm.backends.blk) through vhost-user,
 driven by the Python test driver over the VMM's virtio-mmio transport. Guest RAM is
-a memfd the back-end maps; kicks and interrupts are eventfds, as KVM's would be."""
+a memfd the back-end maps; kicks and interrupts are eventfds, as KVM's would be. One
+process serves every front-end of a disk and holds its write lease."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import time
 import pytest
 from test_virtio_driver import GuestDriver, no_backend_crash  # noqa: F401
 
-from pyvmm.backends.process import ProcessBlk
+from pyvmm.backends import channel
+from pyvmm.backends import vhost_user as vu
+from pyvmm.backends.blk_front import BlkProcess, ProcessBlk
 from pyvmm.devices.virtio import blk as b
 from pyvmm.devices.virtio import mmio as m
 from pyvmm.devices.virtio import queue as q
@@ -52,9 +55,12 @@ def disk(tmp_path):
     return path
 
 
-def make_driver(disk, window=(0, MEM), fenced=False):
+def make_driver(disk, window=(0, MEM), fenced=False, process=None, name="blk-test", partition=0):
     mem = GuestMemory(MEM, backing=MEMFD_4K)
-    backend = ProcessBlk(mem, window, str(disk), "blk-test", fenced=fenced)
+    process = process or BlkProcess(str(disk))
+    backend = ProcessBlk(process, mem, window, name, partition)
+    if not fenced:
+        process.grant(backend)
     irq = EventfdIrq()
     transport = m.VirtioMmioTransport(mem, backend, irq, "blk-test")
     drv = GuestDriver(backend, mem, transport)
@@ -197,7 +203,7 @@ def test_a_killed_back_end_is_noticed_within_1s_and_cannot_hang_the_vcpu(blk):
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
     time.sleep(0.3)
-    dead = drv.backend.process
+    dead = drv.backend.process.child
     killed = time.monotonic()
     os.kill(dead.pid, signal.SIGKILL)
     while dead.alive and time.monotonic() - killed < 5:
@@ -226,7 +232,7 @@ def test_a_hung_back_end_costs_the_vcpu_one_time_out_and_is_replaced(blk):
     drv.wr(m.STATUS, 0)  # no second wait
     elapsed = time.monotonic() - start
     assert 0.9 < elapsed < 2.0, elapsed
-    assert wait_for(lambda: drv.backend.restarts == 1 and drv.backend.process.pid != hung)
+    assert wait_for(lambda: drv.backend.process.restarts == 1 and drv.backend.process.pid != hung)
     (vq,) = drv.start()
     _, _, data = request(vq, [header(b.VIRTIO_BLK_T_IN, 0), 512, 1])
     assert data[-1] == b.VIRTIO_BLK_S_OK
@@ -234,16 +240,16 @@ def test_a_hung_back_end_costs_the_vcpu_one_time_out_and_is_replaced(blk):
 
 def test_a_killed_back_end_is_restarted_and_a_reinitialising_driver_goes_on(blk, disk):
     drv, vq = blk
-    dead = drv.backend.process
+    dead = drv.backend.process.child
     os.kill(dead.pid, signal.SIGKILL)
-    assert wait_for(lambda: drv.backend.restarts == 1)
+    assert wait_for(lambda: drv.backend.process.restarts == 1 and not drv.backend.error)
     assert drv.needs_reset() and drv.backend.describe()["alive"]
     (vq,) = drv.start()  # the driver resets and sets the device up again
     payload = os.urandom(512)
     _, _, data = request(vq, [header(b.VIRTIO_BLK_T_OUT, 5), payload, 1])
     assert data == bytes([b.VIRTIO_BLK_S_OK])
     assert disk.read_bytes()[5 * 512 : 6 * 512] == payload
-    assert dead.exit_status == -signal.SIGKILL and drv.backend.process is not dead
+    assert dead.exit_status == -signal.SIGKILL and drv.backend.process.child is not dead
 
 
 def wait_for(condition, timeout: float = 15.0) -> bool:
@@ -253,3 +259,95 @@ def wait_for(condition, timeout: float = 15.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+# --- one process, several front-ends: the write lease and the control channel ---------
+
+
+@pytest.fixture
+def pair(disk):
+    """Two partitions' front-ends of one disk, served by one process; the first holds
+    the lease."""
+    first = make_driver(disk, name="blk0", partition=0)
+    second = make_driver(disk, fenced=True, process=first.backend.process, name="blk1", partition=1)
+    queues = [first.start()[0], second.start()[0]]
+    yield [first, second], queues
+    for drv in (first, second):
+        drv.close()
+        drv.backend.close()
+
+
+def write(vq, sector: int, payload: bytes) -> int:
+    return request(vq, [header(b.VIRTIO_BLK_T_OUT, sector), payload, 1])[2][-1]
+
+
+def test_two_front_ends_share_one_process_and_the_lease_moves(pair, disk):
+    (first, second), (vq0, vq1) = pair
+    process = first.backend.process
+    assert second.backend.process is process and process.status()["lease"] == "blk0"
+    assert write(vq0, 1, b"a" * 512) == b.VIRTIO_BLK_S_OK
+    assert write(vq1, 2, b"b" * 512) == b.VIRTIO_BLK_S_IOERR  # fenced
+    process.grant(second.backend)  # the control op "lease"
+    assert process.status()["lease"] == "blk1"
+    assert write(vq0, 3, b"c" * 512) == b.VIRTIO_BLK_S_IOERR  # the old holder: no more
+    assert write(vq1, 4, b"d" * 512) == b.VIRTIO_BLK_S_OK
+    image = disk.read_bytes()
+    assert image[512:1024] == b"a" * 512 and image[2048:2560] == b"d" * 512
+    assert image[1024:1536] != b"b" * 512 and image[1536:2048] != b"c" * 512
+    # both read
+    assert request(vq0, [header(b.VIRTIO_BLK_T_IN, 4), 512, 1])[2][:-1] == b"d" * 512
+
+
+def test_status_counts_the_calls_of_each_ring(pair):
+    (first, _), (vq0, _) = pair
+    before = first.backend.process.status()["devices"]["blk0"]["rings"][0]["calls"]
+    first.irq.take()
+    for sector in range(5):
+        request(vq0, [header(b.VIRTIO_BLK_T_IN, sector), 512, 1])
+    devices = first.backend.process.status()["devices"]
+    ring = devices["blk0"]["rings"][0]
+    assert ring["running"] and devices["blk0"]["active"] and devices["blk0"]["partition"] == 0
+    # every call the back-end counted reached the interrupt eventfd, one per request here
+    assert ring["calls"] - before == first.irq.take() >= 5 and ring["kicks"] >= 5
+    assert devices["blk1"]["rings"][0]["calls"] == 0 and devices["blk1"]["errors"] == 0
+
+
+def test_bad_control_messages_get_an_error_and_the_process_goes_on(pair):
+    (first, _), (vq0, _) = pair
+    process = first.backend.process
+    sock = process.child.sock
+
+    def raw(body: bytes, fds=()) -> dict:
+        vu.send_frame(sock, channel.LENGTH.pack(len(body)) + body, list(fds))
+        return channel.receive(sock, 2.0)[0]
+
+    assert not raw(b"{not json")["ok"]
+    assert not raw(b"[1, 2]")["ok"]
+    assert "unknown op" in raw(b'{"op": "frobnicate", "id": 1}')["error"]
+    efd = os.eventfd(0)
+    try:
+        reply = raw(b'{"op": "add", "id": 2, "name": "x", "partition": 0}', [efd])
+        assert not reply["ok"] and "socket" in reply["error"]
+        assert "takes no fds" in raw(b'{"op": "status", "id": 3}', [efd])["error"]
+    finally:
+        os.close(efd)
+    assert "one fd" in raw(b'{"op": "add", "id": 4, "name": "y", "partition": 0}')["error"]
+    assert "no front-end" in raw(b'{"op": "lease", "id": 5, "holder": "nobody"}')["error"]
+    assert process.alive and process.status()["lease"] == "blk0"
+    assert request(vq0, [header(b.VIRTIO_BLK_T_IN, 0), 512, 1])[2][-1] == b.VIRTIO_BLK_S_OK
+
+
+def test_a_killed_shared_process_restarts_once_for_both_front_ends(pair, disk):
+    (first, second), _ = pair
+    process = first.backend.process
+    dead = process.child
+    os.kill(dead.pid, signal.SIGKILL)
+    assert wait_for(lambda: process.restarts == 1 and not first.backend.error)
+    assert wait_for(lambda: not second.backend.error)
+    assert first.needs_reset() and second.needs_reset()
+    assert process.child is not dead and process.restarts == 1
+    assert process.status()["lease"] == "blk0"  # the holder the VMM knew, re-sent
+    vq0, vq1 = first.start()[0], second.start()[0]  # the drivers re-initialise
+    assert write(vq0, 6, b"e" * 512) == b.VIRTIO_BLK_S_OK
+    assert write(vq1, 7, b"f" * 512) == b.VIRTIO_BLK_S_IOERR
+    assert request(vq1, [header(b.VIRTIO_BLK_T_IN, 6), 512, 1])[2][:-1] == b"e" * 512

@@ -118,8 +118,7 @@ class Message:
     fds: list[int] = field(default_factory=list)
 
     def close_fds(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
+        close_all(self.fds)
         self.fds = []
 
 
@@ -144,17 +143,23 @@ class VringAddr:
 # ---- framing ----
 
 
-def send_message(
-    sock: socket.socket, request: int, flags: int, payload: bytes = b"", fds: list[int] = ()
-) -> None:
-    data = HEADER.pack(request, flags | VERSION, len(payload)) + payload
+def send_frame(sock: socket.socket, data: bytes, fds: list[int] = (), what: str = "") -> None:
+    """Send ``data`` whole, ``fds`` (SCM_RIGHTS) with its first byte. The one place
+    both vhost-user and the back-ends' control channel (``channel``) send."""
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     try:
         sent = sock.sendmsg([data], ancillary)
         if sent < len(data):
             sock.sendall(data[sent:])
     except OSError as exc:
-        raise ProtocolError(f"vhost-user: cannot send {request}: {exc}") from exc
+        raise ProtocolError(f"cannot send {what}: {exc}") from exc
+
+
+def send_message(
+    sock: socket.socket, request: int, flags: int, payload: bytes = b"", fds: list[int] = ()
+) -> None:
+    data = HEADER.pack(request, flags | VERSION, len(payload)) + payload
+    send_frame(sock, data, fds, f"vhost-user request {request}")
 
 
 def _wait_readable(sock: socket.socket, deadline: float) -> None:
@@ -163,7 +168,7 @@ def _wait_readable(sock: socket.socket, deadline: float) -> None:
         raise VhostUserTimeout("vhost-user: no message within the time-out")
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     data = b""
     while len(data) < n:
         _wait_readable(sock, deadline)
@@ -174,16 +179,18 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     return data
 
 
-def recv_message(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT_S) -> Message:
-    """One message with the fds that came with it; ProtocolError if it is malformed
-    (then the fds are closed) or the peer closed the connection."""
-    deadline = time.monotonic() + timeout
+def recv_head(
+    sock: socket.socket, size: int, deadline: float, max_fds: int = MAX_FDS
+) -> tuple[bytes, list[int]]:
+    """The first ``size`` bytes of a message and the fds that came with them (the
+    caller closes the fds if the rest turns out malformed). ProtocolError if the
+    peer closed the connection or sent more than ``max_fds`` fds."""
     _wait_readable(sock, deadline)
-    fd_space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+    fd_space = socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
     try:
-        head, ancillary, msg_flags, _ = sock.recvmsg(HEADER.size, fd_space)
+        head, ancillary, msg_flags, _ = sock.recvmsg(size, fd_space)
     except OSError as exc:
-        raise ProtocolError(f"vhost-user: receive failed: {exc}") from exc
+        raise ProtocolError(f"receive failed: {exc}") from exc
     fds: list[int] = []
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -192,19 +199,37 @@ def recv_message(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT_S) -> Mes
             fds += list(fds_here)
     try:
         if not head:
-            raise ProtocolError("vhost-user: connection closed")
+            raise ProtocolError("connection closed")
         if msg_flags & socket.MSG_CTRUNC:
-            raise ProtocolError(f"vhost-user: more than {MAX_FDS} fds with one message")
-        head += _recv_exact(sock, HEADER.size - len(head), deadline)
+            raise ProtocolError(f"more than {max_fds} fds with one message")
+        return head + recv_exact(sock, size - len(head), deadline), fds
+    except VhostUserError:
+        close_all(fds)
+        raise
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def recv_message(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT_S) -> Message:
+    """One message with the fds that came with it; ProtocolError if it is malformed
+    (then the fds are closed) or the peer closed the connection."""
+    deadline = time.monotonic() + timeout
+    try:
+        head, fds = recv_head(sock, HEADER.size, deadline)
+    except ProtocolError as exc:
+        raise ProtocolError(f"vhost-user: {exc}") from None
+    try:
         request, flags, size = HEADER.unpack(head)
         if flags & 0x3 != VERSION:
             raise ProtocolError(f"vhost-user: version {flags & 3} (only {VERSION} is spoken)")
         if size > MAX_PAYLOAD:
             raise ProtocolError(f"vhost-user: payload of {size} bytes (at most {MAX_PAYLOAD})")
-        payload = _recv_exact(sock, size, deadline) if size else b""
+        payload = recv_exact(sock, size, deadline) if size else b""
     except VhostUserError:
-        for fd in fds:
-            os.close(fd)
+        close_all(fds)
         raise
     return Message(request, flags, payload, fds)
 

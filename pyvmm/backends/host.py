@@ -1,0 +1,459 @@
+"""The host of a back-end process: ONE process per device type serves the front-ends
+of every partition (``python -m pyvmm.backends.<type> --control PATH --parent PID
+[device args]``), so state shared between them (the disk's write lease, the vsock
+listeners) stays inside one process.
+
+How a device type plugs in (see ``blk.py`` for a whole one):
+
+- Subclass ``DeviceType``; set ``name``; add the process's own arguments in
+  ``add_arguments`` (they come once, on the command line); implement ``create(name,
+  partition, args)`` returning the device model for one front-end: a
+  ``devices.virtio.backend.VirtioBackend`` (``activate(transport)``, ``notify(queue)``,
+  ``quiesce(timeout)``, ``close()``), the same class the VMM runs in-process.
+- Control ops of the type: methods decorated ``@control_op("NAME")`` taking
+  ``(self, request: dict, fds: list[int])`` and returning the reply's fields (a dict);
+  raise ``ValueError`` to refuse (the reply is ``{"ok": false, "error": str(exc)}``).
+  Take ownership of the fds you keep; the host closes the rest. ``self.models`` maps
+  each front-end's name to its model; ``status()`` adds type-wide fields to ``status``.
+- End with ``if __name__ == "__main__": sys.exit(run(MyType))``.
+
+Generic control ops (``channel`` framing): ``add`` {name, partition, args} with one
+fd, the back-end's end of a socketpair on which the host then serves vhost-user for
+that front-end; ``remove`` {name}; ``status`` → {"devices": {name: {partition,
+active, rings: [{running, calls, kicks}], errors, last_error, refused}}, ...}.
+
+Rings: a front-end's model is activated (``activate`` with a transport whose
+``queues`` are the started rings) once *every* ring of the model
+(``len(model.queue_sizes)``) is started and enabled; GET_VRING_BASE of any ring
+quiesces the model first (a request in progress finishes, bounded by
+``STOP_TIMEOUT_S``) and answers with where the ring stopped; the model runs again
+when all its rings are started again. The model's ``transport.used(i)`` signals
+ring i's call eventfd (counted: ``calls``), and ring i's kick eventfd becomes
+``model.notify(i)``. The memory table holds only the front-end's partition, so DMA
+is confined by construction, and every descriptor is checked by ``Virtqueue``.
+
+One thread runs the event loop (epoll over the control socket, every vhost-user
+socket and every started ring's kick fd); models keep their own worker threads. The
+process serves one control connection and exits when it closes; it dies with the VMM
+(PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from typing import ClassVar
+
+from ..devices.virtio._log import ERROR, INFO, log
+from ..devices.virtio.backend import VIRTIO_F_INDIRECT_DESC, VirtioBackend
+from ..devices.virtio.queue import Virtqueue
+from ..errors import MemoryAccessError
+from . import channel
+from . import vhost_user as vu
+
+STOP_TIMEOUT_S = 0.8  # below the front-end's 1 s time-out: the answer still arrives
+ACCEPT_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1
+GENERIC_OPS = ("add", "remove", "status")
+
+
+def control_op(name: str) -> Callable:
+    """Mark a ``DeviceType`` method as the handler of control op ``name``."""
+
+    def mark(method: Callable) -> Callable:
+        method.control_op = name  # type: ignore[attr-defined]
+        return method
+
+    return mark
+
+
+class DeviceType:
+    """One device type's state in its process; subclass it (see the module's docstring)."""
+
+    name = "device"
+    ops: ClassVar[dict[str, str]] = {}  # op name → method name, from @control_op
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        cls.ops = dict(cls.ops)
+        for attr, value in vars(cls).items():
+            if op := getattr(value, "control_op", None):
+                if op in GENERIC_OPS:
+                    raise TypeError(f"{cls.__name__}: {op!r} is a generic op")
+                cls.ops[op] = attr
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.models: dict[str, VirtioBackend] = {}  # by front-end name (kept by the host)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        pass
+
+    def create(self, name: str, partition: int, args: dict[str, object]) -> VirtioBackend:
+        raise NotImplementedError
+
+    def removed(self, name: str, model: VirtioBackend) -> None:
+        """A front-end went away (``remove``, or its connection closed)."""
+        model.close()
+
+    def status(self) -> dict[str, object]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class TableMemory:
+    """The memory table as the ``GuestMemory`` a ``Virtqueue`` checks against:
+    guest-physical addresses, only inside a region."""
+
+    def __init__(self, backend: vu.BackEnd) -> None:
+        self.backend = backend
+        self.size = max(m.region.guest_phys_addr + m.region.memory_size for m in backend.memory)
+
+    def check(self, gpa: int, length: int) -> None:
+        try:
+            self.backend.gpa(gpa, length)
+        except ValueError as exc:
+            raise MemoryAccessError(str(exc)) from None
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        return self.backend.gpa(gpa, length)
+
+    def to_gpa(self, uaddr: int) -> int:
+        """A front-end virtual address (as SET_VRING_ADDR carries) → guest-physical."""
+        for m in self.backend.memory:
+            r = m.region
+            if r.userspace_addr <= uaddr < r.userspace_addr + r.memory_size:
+                return uaddr - r.userspace_addr + r.guest_phys_addr
+        raise ValueError(f"ring address {uaddr:#x} is in no memory region")
+
+
+class RingTransport:
+    """What a device model asks of its transport, over vhost-user rings."""
+
+    def __init__(self, queues: list[Virtqueue], call_fds: list[int], calls: list[int]) -> None:
+        self.queues = queues
+        self.call_fds = call_fds
+        self.calls = calls  # per ring, kept by the front-end across sessions
+        self.errors = 0
+        self.last_error = ""
+        self._lock = threading.Lock()  # a call never races the fd's close
+        self._stopped = False
+
+    def used(self, queue: int) -> None:
+        with self._lock:
+            if self._stopped or self.call_fds[queue] < 0:
+                return
+            if self.queues[queue].wants_interrupt():
+                os.eventfd_write(self.call_fds[queue], 1)
+                self.calls[queue] += 1
+
+    def config_changed(self) -> None:
+        pass  # no config changes reach a driver from a back-end process
+
+    def device_error(self, message: str) -> None:
+        log(ERROR, "back-end: ring stopped: %s", message)
+        self.errors += 1
+        self.last_error = message
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+
+class FrontEnd(vu.BackEnd):
+    """One front-end's vhost-user connection and its device model."""
+
+    def __init__(self, sock: socket.socket, name: str, partition: int, model: VirtioBackend):
+        super().__init__(sock, model.features, queues=len(model.queue_sizes))
+        self.name = name
+        self.partition = partition
+        self.model = model
+        self.transport: RingTransport | None = None
+        self.calls = [0] * len(self.vrings)
+        self.kicks = [0] * len(self.vrings)
+        self.errors = 0
+        self.last_error = ""
+
+    def _handle(self, msg: vu.Message) -> bytes | None:
+        if msg.request == vu.Request.SET_MEM_TABLE and self.transport is not None:
+            raise ValueError("SET_MEM_TABLE while the rings are running")
+        if msg.request in (vu.Request.GET_VRING_BASE, vu.Request.RESET_OWNER):
+            self.stop()
+        return super()._handle(msg)
+
+    def stop(self) -> None:
+        """Quiesce the model; record where each ring stopped."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not self.model.quiesce(STOP_TIMEOUT_S):
+            log(ERROR, "%s: a request outlived the rings' stop", self.name)
+        transport.stop()
+        self.errors += transport.errors
+        self.last_error = transport.last_error or self.last_error
+        for vring, queue in zip(self.vrings, transport.queues, strict=True):
+            vring.base = queue.next_avail
+            queue.disable()
+        self.transport = None
+
+    def sync(self) -> None:
+        """Start the model once every ring runs; stop it when one no longer does."""
+        wanted = all(v.started and v.enabled and v.addr is not None for v in self.vrings)
+        if self.transport is not None and not wanted:
+            self.stop()
+        elif self.transport is None and wanted:
+            self._start()
+
+    def _start(self) -> None:
+        memory = TableMemory(self)
+        queues = []
+        for index, vring in enumerate(self.vrings):
+            queue = Virtqueue(memory, index, vring.num)  # type: ignore[arg-type]
+            assert vring.addr is not None
+            try:
+                queue.size = vring.num
+                queue.desc_addr = memory.to_gpa(vring.addr.desc)
+                queue.driver_addr = memory.to_gpa(vring.addr.avail)
+                queue.device_addr = memory.to_gpa(vring.addr.used)
+            except ValueError as exc:
+                self._note_error(str(exc))
+                return
+            queue.indirect = bool(self.features & VIRTIO_F_INDIRECT_DESC)
+            if error := queue.enable():
+                self._note_error(f"ring {index} refused: {error}")
+                return
+            used_idx = int.from_bytes(memory.view(queue.device_addr + 2, 2), "little")
+            queue.start_at(vring.base, used_idx)
+            queues.append(queue)
+        self.transport = RingTransport(queues, [v.call for v in self.vrings], self.calls)
+        self.model.activate(self.transport)  # type: ignore[arg-type]
+
+    def _note_error(self, message: str) -> None:
+        log(ERROR, "%s: %s", self.name, message)
+        self.errors += 1
+        self.last_error = message
+
+    def kick(self, index: int) -> None:
+        self.kicks[index] += 1
+        if self.transport is not None:
+            self.model.notify(index)
+
+    def status(self) -> dict[str, object]:
+        transport = self.transport
+        running = transport is not None
+        return {
+            "partition": self.partition,
+            "active": running,
+            "rings": [
+                {"running": running and v.started, "calls": c, "kicks": k}
+                for v, c, k in zip(self.vrings, self.calls, self.kicks, strict=True)
+            ],
+            "errors": self.errors + (transport.errors if transport else 0),
+            "last_error": (transport.last_error if transport else "") or self.last_error or None,
+            "refused": self.refused,
+        }
+
+    def close(self) -> None:
+        self.stop()
+        self.reset()
+        self.sock.close()
+
+
+class Host:
+    """The event loop: the control connection, the front-ends, their kicks."""
+
+    def __init__(self, device: DeviceType, control: socket.socket) -> None:
+        self.device = device
+        self.control = control
+        self.fronts: dict[str, FrontEnd] = {}
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Callable[[], None]] = {}
+        self._watch(control.fileno(), self._on_control)
+        self.running = True
+
+    def _watch(self, fd: int, handler: Callable[[], None]) -> None:
+        self.epoll.register(fd, select.EPOLLIN)
+        self.handlers[fd] = handler
+
+    def _unwatch(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # already closed
+
+    def run(self) -> None:
+        try:
+            while self.running:
+                for fd, _ in self.epoll.poll():
+                    handler = self.handlers.get(fd)
+                    if handler is not None:
+                        handler()
+        finally:
+            for name in list(self.fronts):
+                self._remove(name)
+            self.device.close()
+            self.epoll.close()
+
+    # -- front-ends --
+
+    def _kicks(self, front: FrontEnd, watch: bool) -> None:
+        for index, vring in enumerate(front.vrings):
+            if watch and vring.started and vring.kick >= 0:
+                kick = vring.kick
+                self._watch(kick, lambda f=front, i=index, k=kick: self._on_kick(f, i, k))
+            elif not watch:
+                self._unwatch(vring.kick)
+
+    def _on_kick(self, front: FrontEnd, index: int, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        front.kick(index)
+
+    def _on_vhost_user(self, front: FrontEnd) -> None:
+        self._kicks(front, watch=False)  # a message may close or replace them
+        try:
+            front.serve_one()
+            front.sync()
+        except vu.VhostUserError as exc:
+            log(INFO, "%s: connection ended: %s", front.name, exc)
+            self._remove(front.name)
+            return
+        self._kicks(front, watch=True)
+
+    def _remove(self, name: str) -> None:
+        front = self.fronts.pop(name)
+        self._kicks(front, watch=False)
+        self._unwatch(front.sock.fileno())
+        front.close()
+        self.device.models.pop(name, None)
+        self.device.removed(name, front.model)
+
+    # -- control --
+
+    def _on_control(self) -> None:
+        try:
+            request, fds = channel.receive(self.control, vu.DEFAULT_TIMEOUT_S)
+        except channel.Malformed as exc:
+            channel.send(self.control, {"id": None, "ok": False, "error": str(exc)})
+            return
+        except vu.VhostUserError as exc:
+            log(INFO, "control connection ended: %s", exc)
+            self.running = False
+            return
+        try:
+            reply = {"ok": True, **self._dispatch(request, fds)}
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            reply = {"ok": False, "error": str(exc) or type(exc).__name__}
+        finally:
+            vu.close_all([fd for fd in fds if fd >= 0])
+        reply["id"] = request.get("id")
+        try:
+            channel.send(self.control, reply)
+        except vu.VhostUserError:
+            self.running = False
+
+    def _dispatch(self, request: dict[str, object], fds: list[int]) -> dict[str, object]:
+        """The reply's fields. An fd kept is replaced by -1 in ``fds``."""
+        op = request.get("op")
+        if op == "add":
+            return self._add(request, fds)
+        if fds:
+            raise ValueError(f"op {op!r} takes no fds ({len(fds)} came)")
+        if op == "remove":
+            name = request.get("name")
+            if name not in self.fronts:
+                raise ValueError(f"no front-end {name!r}")
+            self._remove(name)  # type: ignore[arg-type]
+            return {}
+        if op == "status":
+            fronts = {name: front.status() for name, front in self.fronts.items()}
+            return {"pid": os.getpid(), "devices": fronts, **self.device.status()}
+        method = self.device.ops.get(op) if isinstance(op, str) else None
+        if method is None:
+            raise ValueError(f"unknown op {op!r}")
+        return getattr(self.device, method)(request, fds)
+
+    def _add(self, request: dict[str, object], fds: list[int]) -> dict[str, object]:
+        name, partition = request.get("name"), request.get("partition")
+        args = request.get("args", {})
+        if not isinstance(name, str) or not name or name in self.fronts:
+            raise ValueError(f"add: name {name!r} (a new front-end's name)")
+        if not isinstance(partition, int) or not isinstance(args, dict):
+            raise ValueError("add: partition (an integer) and args (an object)")
+        if len(fds) != 1:
+            raise ValueError(f"add: one fd (a socket), not {len(fds)}")
+        try:
+            sock = socket.socket(fileno=fds[0])
+        except OSError as exc:
+            raise ValueError(f"add: the fd is not a socket: {exc}") from None
+        fds[0] = -1  # the socket object owns it now
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise ValueError("add: the fd is not a Unix stream socket")
+        try:
+            model = self.device.create(name, partition, args)
+        except BaseException:
+            sock.close()
+            raise
+        front = self.fronts[name] = FrontEnd(sock, name, partition, model)
+        self.device.models[name] = model
+        self._watch(sock.fileno(), lambda: self._on_vhost_user(front))
+        return {}
+
+
+def die_with_parent(parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent and os.getppid() != parent:
+        sys.exit("pyvmm back-end: the VMM is already gone")
+
+
+def accept_one(path: str, timeout: float | None) -> socket.socket:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as listener:
+        if os.path.exists(path):
+            os.unlink(path)
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(timeout)
+        conn, _ = listener.accept()
+    os.unlink(path)
+    conn.settimeout(None)
+    return conn
+
+
+def run(device_type: type[DeviceType], argv: list[str] | None = None) -> int:
+    """The process's main: arguments, the control connection, the loop."""
+    parser = argparse.ArgumentParser(prog=f"python -m pyvmm.backends.{device_type.name}")
+    parser.add_argument("--control", required=True, help="the Unix socket to accept the VMM on")
+    parser.add_argument("--parent", type=int, default=0, help="die when this process does")
+    parser.add_argument(
+        "--accept-timeout",
+        type=float,
+        default=ACCEPT_TIMEOUT_S,
+        help="seconds to wait for the VMM (0: for ever, a spare process)",
+    )
+    device_type.add_arguments(parser)
+    args = parser.parse_args(argv)
+    die_with_parent(args.parent)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    device = device_type(args)
+    try:
+        conn = accept_one(args.control, args.accept_timeout or None)
+    except TimeoutError:
+        sys.exit(f"pyvmm {device_type.name} back-end: no VMM connected in {args.accept_timeout} s")
+    Host(device, conn).run()
+    return 0
