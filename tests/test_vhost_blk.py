@@ -17,6 +17,7 @@ from test_virtio_driver import GuestDriver, no_backend_crash  # noqa: F401
 from pyvmm.backends import channel
 from pyvmm.backends import vhost_user as vu
 from pyvmm.backends.blk_front import BlkProcess, ProcessBlk
+from pyvmm.backends.process import BackendError
 from pyvmm.devices.virtio import blk as b
 from pyvmm.devices.virtio import mmio as m
 from pyvmm.devices.virtio import queue as q
@@ -351,3 +352,49 @@ def test_a_killed_shared_process_restarts_once_for_both_front_ends(pair, disk):
     assert write(vq0, 6, b"e" * 512) == b.VIRTIO_BLK_S_OK
     assert write(vq1, 7, b"f" * 512) == b.VIRTIO_BLK_S_IOERR
     assert request(vq1, [header(b.VIRTIO_BLK_T_IN, 6), 512, 1])[2][:-1] == b"e" * 512
+
+
+def test_moving_the_lease_waits_for_the_write_in_flight(pair, disk):
+    (first, second), (vq0, vq1) = pair
+    process = first.backend.process
+    process.request("fault", write_delay_s=0.5)  # every write holds the lease 0.5 s
+    payload = os.urandom(4096)
+    head = vq0.post([header(b.VIRTIO_BLK_T_OUT, 8), payload, 1])
+    assert wait_for(lambda: process.status()["writing"] == 1, 5)  # in flight
+    start = time.monotonic()
+    process.grant(second.backend)
+    waited = time.monotonic() - start
+    # grant returned only once the write was over: it completed, and is on disk
+    assert process.status()["writing"] == 0 and waited > 0.05, waited
+    ((used_head, length),) = vq0.wait_used()
+    assert used_head == head and vq0.read_writable(head, length)[-1] == b.VIRTIO_BLK_S_OK
+    assert disk.read_bytes()[8 * 512 : 8 * 512 + len(payload)] == payload
+    process.request("fault", write_delay_s=0)
+    assert write(vq0, 20, b"x" * 512) == b.VIRTIO_BLK_S_IOERR
+    assert write(vq1, 21, b"y" * 512) == b.VIRTIO_BLK_S_OK
+    assert "write_delay_s" in process_error(process, write_delay_s=-1)
+
+
+def process_error(process, **fields) -> str:
+    try:
+        process.request("fault", **fields)
+    except BackendError as exc:
+        return str(exc)
+    raise AssertionError("the request was not refused")
+
+
+def test_a_hung_shared_process_is_killed_and_both_front_ends_are_told(pair):
+    (first, second), _ = pair
+    process = first.backend.process
+    hung = process.pid
+    os.kill(hung, signal.SIGSTOP)
+    start = time.monotonic()
+    first.wr(m.QUEUE_SEL, 0)
+    first.wr(m.QUEUE_READY, 0)  # GET_VRING_BASE times out: the process is killed
+    assert time.monotonic() - start < 2.0
+    assert wait_for(lambda: second.needs_reset(), 2)  # the other front-end is told too
+    assert wait_for(lambda: process.restarts == 1 and process.pid != hung)
+    assert wait_for(lambda: not first.backend.error and not second.backend.error)
+    for drv in (first, second):
+        (vq,) = drv.start()
+        assert request(vq, [header(b.VIRTIO_BLK_T_IN, 0), 512, 1])[2][-1] == b.VIRTIO_BLK_S_OK

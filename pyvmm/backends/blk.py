@@ -11,15 +11,54 @@ and a write by any other fails with IOERR.
 Control op ``lease`` {"holder": NAME or null} moves it and replies once the
 previous holder can write no more (a write in progress finishes first: ``grant``
 takes the lock every write holds). The reply says who holds it.
+
+Control op ``fault`` {"write_delay_s": S} is fault injection for tests: every write
+then holds the lease for S seconds more (at most ``MAX_WRITE_DELAY_S``), and
+``status`` counts the writes in progress (``writing``), so a test can move the lease
+while a write is known to be in flight.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
+import time
 
 from ..devices.virtio.blk import VirtioBlk, WriteLease
 from .host import DeviceType, control_op, run
+
+MAX_WRITE_DELAY_S = 5.0
+
+
+class Faults:
+    """Fault injection shared by a process's front-ends (the ``fault`` op)."""
+
+    def __init__(self) -> None:
+        self.write_delay_s = 0.0
+        self.writing = 0  # writes in progress
+        self.lock = threading.Lock()
+
+
+class BlkModel(VirtioBlk):
+    """``VirtioBlk`` with the process's fault injection on writes."""
+
+    def __init__(self, faults: Faults, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.faults = faults
+
+    def _io(self, sector: int, views: list[memoryview], write: bool) -> int:
+        faults = self.faults
+        if not write or not faults.write_delay_s:
+            return super()._io(sector, views, write)
+        with faults.lock:
+            faults.writing += 1
+        try:
+            time.sleep(faults.write_delay_s)  # under the lease's lock, as the write is
+            return super()._io(sector, views, write)
+        finally:
+            with faults.lock:
+                faults.writing -= 1
 
 
 class BlkType(DeviceType):
@@ -34,11 +73,13 @@ class BlkType(DeviceType):
         super().__init__(args)
         self.lease = WriteLease()
         self.holder: str | None = None
+        self.faults = Faults()
 
     def create(self, name: str, partition: int, args: dict[str, object]) -> VirtioBlk:
         if args:
             raise ValueError(f"blk takes no front-end args ({sorted(args)})")
-        return VirtioBlk(self.args.disk, read_only=self.args.read_only, lease=self.lease)
+        disk, read_only = self.args.disk, self.args.read_only
+        return BlkModel(self.faults, disk, read_only=read_only, lease=self.lease)
 
     def removed(self, name: str, model: VirtioBlk) -> None:  # type: ignore[override]
         if self.holder == name:
@@ -53,12 +94,20 @@ class BlkType(DeviceType):
         self._grant(holder)  # type: ignore[arg-type]
         return {"holder": holder}
 
+    @control_op("fault")
+    def op_fault(self, request: dict[str, object], fds: list[int]) -> dict[str, object]:
+        delay = request.get("write_delay_s", 0.0)
+        if not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_WRITE_DELAY_S:
+            raise ValueError(f"fault: write_delay_s {delay!r} (0 to {MAX_WRITE_DELAY_S})")
+        self.faults.write_delay_s = float(delay)
+        return {}
+
     def _grant(self, holder: str | None) -> None:
         self.lease.grant(None if holder is None else self.models[holder])  # type: ignore[arg-type]
         self.holder = holder
 
     def status(self) -> dict[str, object]:
-        return {"lease": self.holder}
+        return {"lease": self.holder, "writing": self.faults.writing}
 
 
 if __name__ == "__main__":

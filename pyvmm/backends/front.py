@@ -75,7 +75,8 @@ class VhostUserDevice(VirtioBackend):
         process.attach(self)
 
     def connect(self) -> None:
-        """Add this front-end to the (new) process and set the connection up."""
+        """Add this front-end to the (new) process and set the connection up. After a
+        restart ``error`` stays until ``backend_restored``."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.process.request(
@@ -103,7 +104,6 @@ class VhostUserDevice(VirtioBackend):
             self._protocol = protocol
             self.features = offered & ~vu.F_PROTOCOL_FEATURES
             self._running.clear()  # a new process: no ring of ours runs there
-            self.error = ""
         if old is not None:
             old.sock.close()
 
@@ -213,6 +213,11 @@ class VhostUserDevice(VirtioBackend):
         transport = self.transport
         if transport is not None:
             transport.device_error(f"back-end: {reason}")
+
+    def backend_restored(self) -> None:
+        """The new process serves this front-end, with the device type's state re-sent:
+        the driver's next reset and set-up use it."""
+        self.error = ""
 
     def backend_died(self, reason: str) -> None:
         """The process died (on its watcher thread): tell the driver. A new process

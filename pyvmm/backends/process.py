@@ -261,8 +261,6 @@ class BackendProcess:
                 new.close()
                 return
             self.child = new
-            self.restarts += 1
-            self.error = ""
             child.close()
             try:
                 for front in list(self.fronts):
@@ -271,6 +269,11 @@ class BackendProcess:
             except BackendError as exc:
                 log(ERROR, "%s: restart: %s", self.name, exc)
                 return
+            # counted once it serves again: ``restarts`` going up means "restored"
+            self.restarts += 1
+            self.error = ""
+            for front in list(self.fronts):
+                front.backend_restored()
             log(WARNING, "%s: back-end restarted (pid %d)", self.name, new.pid)
 
     def close(self) -> None:
