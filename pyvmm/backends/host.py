@@ -13,7 +13,7 @@ How a device type plugs in (see ``blk.py`` for a whole one):
 - Control ops of the type: methods decorated ``@control_op("NAME")`` taking
   ``(self, request: dict, fds: list[int])`` and returning the reply's fields (a dict);
   raise ``ValueError`` to refuse (the reply is ``{"ok": false, "error": str(exc)}``).
-  Take ownership of the fds you keep; the host closes the rest. ``self.models`` maps
+  An fd you keep: set its entry in ``fds`` to -1; the host closes the rest. ``self.models`` maps
   each front-end's name to its model; ``status()`` adds type-wide fields to ``status``.
 - End with ``if __name__ == "__main__": sys.exit(run(MyType))``.
 
@@ -51,7 +51,7 @@ import sys
 from collections.abc import Callable
 from typing import ClassVar
 
-from ..devices.virtio._log import INFO, log
+from ..devices.virtio._log import ERROR, INFO, log
 from ..devices.virtio.backend import VirtioBackend
 from . import channel
 from . import vhost_user as vu
@@ -135,9 +135,13 @@ class Host:
     def run(self) -> None:
         try:
             while self.running:
-                for fd, _ in self.epoll.poll():
+                events = self.epoll.poll()
+                # a handler may remove an fd and another add one with its number:
+                # an event of this batch is for the handler that was watching then
+                watching = dict(self.handlers)
+                for fd, _ in events:
                     handler = self.handlers.get(fd)
-                    if handler is not None:
+                    if handler is not None and handler is watching.get(fd):
                         handler()
         finally:
             for name in list(self.fronts):
@@ -160,7 +164,11 @@ class Host:
             os.eventfd_read(fd)
         except BlockingIOError:
             return
-        front.kick(index)
+        try:
+            front.kick(index)
+        except Exception as exc:  # a model's bug ends its front-end, not the process
+            log(ERROR, "%s: kick: %r", front.name, exc)
+            self._remove(front.name)
 
     def _on_vhost_user(self, front: FrontEnd) -> None:
         self._kicks(front, watch=False)  # a message may close or replace them
@@ -169,6 +177,10 @@ class Host:
             front.sync()
         except vu.VhostUserError as exc:
             log(INFO, "%s: connection ended: %s", front.name, exc)
+            self._remove(front.name)
+            return
+        except Exception as exc:  # a model's bug ends its front-end, not the process
+            log(ERROR, "%s: %r", front.name, exc)
             self._remove(front.name)
             return
         self._kicks(front, watch=True)
@@ -187,7 +199,7 @@ class Host:
         try:
             request, fds = channel.receive(self.control, vu.DEFAULT_TIMEOUT_S)
         except channel.Malformed as exc:
-            channel.send(self.control, {"id": None, "ok": False, "error": str(exc)})
+            self._reply({"id": None, "ok": False, "error": str(exc)})
             return
         except vu.VhostUserError as exc:
             log(INFO, "control connection ended: %s", exc)
@@ -197,12 +209,19 @@ class Host:
             reply = {"ok": True, **self._dispatch(request, fds)}
         except (ValueError, TypeError, KeyError, OSError) as exc:
             reply = {"ok": False, "error": str(exc) or type(exc).__name__}
+        except Exception as exc:  # a bug in an op: say so, serve on
+            log(ERROR, "control op %r: %r", request.get("op"), exc)
+            reply = {"ok": False, "error": f"internal error: {exc!r}"}
         finally:
             vu.close_all([fd for fd in fds if fd >= 0])
         reply["id"] = request.get("id")
+        self._reply(reply)
+
+    def _reply(self, reply: dict[str, object]) -> None:
         try:
             channel.send(self.control, reply)
-        except vu.VhostUserError:
+        except vu.VhostUserError as exc:
+            log(INFO, "control connection ended: %s", exc)
             self.running = False
 
     def _dispatch(self, request: dict[str, object], fds: list[int]) -> dict[str, object]:
