@@ -13,8 +13,11 @@ How a device type plugs in (see ``blk.py`` for a whole one):
 - Control ops of the type: methods decorated ``@control_op("NAME")`` taking
   ``(self, request: dict, fds: list[int])`` and returning the reply's fields (a dict);
   raise ``ValueError`` to refuse (the reply is ``{"ok": false, "error": str(exc)}``).
+  Ops and ``watch`` handlers run on the loop thread: keep them short.
   An fd you keep: set its entry in ``fds`` to -1; the host closes the rest. ``self.models`` maps
   each front-end's name to its model; ``status()`` adds type-wide fields to ``status``.
+- Own fds (listening sockets, connections) join the one event loop through
+  ``self.host.watch(fd, handler)`` / ``self.host.unwatch(fd)`` (before closing it).
 - End with ``if __name__ == "__main__": sys.exit(run(MyType))``.
 
 Generic control ops (``channel`` framing): ``add`` {name, partition, args} with one
@@ -90,6 +93,7 @@ class DeviceType:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.models: dict[str, VirtioBackend] = {}  # by front-end name (kept by the host)
+        self.host: Host | None = None  # set once the loop exists: ``host.watch``
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -114,18 +118,22 @@ class Host:
 
     def __init__(self, device: DeviceType, control: socket.socket) -> None:
         self.device = device
+        device.host = self
         self.control = control
         self.fronts: dict[str, FrontEnd] = {}
         self.epoll = select.epoll()
         self.handlers: dict[int, Callable[[], None]] = {}
-        self._watch(control.fileno(), self._on_control)
+        self.watch(control.fileno(), self._on_control)
         self.running = True
 
-    def _watch(self, fd: int, handler: Callable[[], None]) -> None:
+    def watch(self, fd: int, handler: Callable[[], None]) -> None:
+        """Call ``handler()`` on the loop thread whenever ``fd`` is readable (call it
+        from the loop thread: an op or a handler)."""
         self.epoll.register(fd, select.EPOLLIN)
         self.handlers[fd] = handler
 
-    def _unwatch(self, fd: int) -> None:
+    def unwatch(self, fd: int) -> None:
+        """Before closing a watched fd."""
         if self.handlers.pop(fd, None) is not None:
             try:
                 self.epoll.unregister(fd)
@@ -155,9 +163,9 @@ class Host:
         for index, vring in enumerate(front.vrings):
             if watch and vring.started and vring.kick >= 0:
                 kick = vring.kick
-                self._watch(kick, lambda f=front, i=index, k=kick: self._on_kick(f, i, k))
+                self.watch(kick, lambda f=front, i=index, k=kick: self._on_kick(f, i, k))
             elif not watch:
-                self._unwatch(vring.kick)
+                self.unwatch(vring.kick)
 
     def _on_kick(self, front: FrontEnd, index: int, fd: int) -> None:
         try:
@@ -188,7 +196,7 @@ class Host:
     def _remove(self, name: str) -> None:
         front = self.fronts.pop(name)
         self._kicks(front, watch=False)
-        self._unwatch(front.sock.fileno())
+        self.unwatch(front.sock.fileno())
         front.close()
         self.device.models.pop(name, None)
         self.device.removed(name, front.model)
@@ -269,7 +277,7 @@ class Host:
             raise
         front = self.fronts[name] = FrontEnd(sock, name, partition, model)
         self.device.models[name] = model
-        self._watch(sock.fileno(), lambda: self._on_vhost_user(front))
+        self.watch(sock.fileno(), lambda: self._on_vhost_user(front))
         return {}
 
 
