@@ -1,5 +1,12 @@
 """virtio-vsock and the TCP port forwarder: real TCP clients on 127.0.0.1 against a
-Python guest (the test driver) speaking the vsock protocol from the guest side."""
+Python guest (the test driver) speaking the vsock protocol from the guest side.
+
+Every test runs twice (the ``nodes`` fixture): with the device model in this process
+("thread") and served by the vsock back-end process through vhost-user and its control
+channel ("process", ``pyvmm.backends.vsock``), guest RAM then a memfd it maps, kicks
+and interrupts eventfds. A test that looks inside the device model's state runs with
+"thread" only (``thread_only``): the process's state is reachable only through its
+status."""
 
 from __future__ import annotations
 
@@ -12,13 +19,15 @@ import time
 from collections import deque
 
 import pytest
-from test_virtio_driver import TIMEOUT, GuestDriver, no_backend_crash  # noqa: F401
+from test_virtio_driver import MEM_SIZE, TIMEOUT, GuestDriver, no_backend_crash  # noqa: F401
 
+from pyvmm.backends.vsock_front import ProcessVsock, RemoteListener, VsockProcess
 from pyvmm.devices.virtio import mmio as m
 from pyvmm.devices.virtio import queue as q
 from pyvmm.devices.virtio import vsock as v
 from pyvmm.devices.virtio.forward import HostListener
 from pyvmm.devices.virtio.vsock_conn import ESTABLISHED
+from pyvmm.memory import MEMFD_4K, GuestMemory
 
 GUEST_CID = 3
 PORT = 1234
@@ -143,9 +152,12 @@ class GuestVsock:
 
     def _receive(self) -> None:
         used = self.rxq.take_used()
-        for head, length in used:
-            data = self.rxq.read_writable(head, length) if length else b""
-            if length >= v.HDR.size:
+        # Every packet is read before a buffer is posted again: a posted buffer may
+        # reuse the slot of a packet not read yet, and a device in another process
+        # fills it at once.
+        packets = [self.rxq.read_writable(head, length) if length else b"" for head, length in used]
+        for data in packets:
+            if len(data) >= v.HDR.size:
                 self._packet(data)
             self.rxq.post([RX_BUF], kick=False)
         if used:
@@ -238,13 +250,52 @@ class GuestVsock:
             time.sleep(0.005)
 
 
-class Node:
-    """A vsock device, its transport and a guest, torn down safely."""
+class EventfdIrq:
+    """An interrupt line as an eventfd (as the machine's irqfd is), which the back-end
+    process signals; a thread turns it into the event the guest's loop waits on."""
 
-    def __init__(self, **kw) -> None:
-        dev_kw = {k: kw.pop(k) for k in ("buf_alloc", "connect_timeout") if k in kw}
-        self.device = v.VirtioVsock(GUEST_CID, **dev_kw)
-        self.drv = GuestDriver(self.device)
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.count = 0
+        self.event = threading.Event()
+        self._closed = False
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def trigger(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def _watch(self) -> None:
+        while not self._closed:
+            self.count += os.eventfd_read(self.fd)
+            self.event.set()
+
+    def close(self) -> None:
+        self._closed = True
+        os.eventfd_write(self.fd, 1)  # the watcher's last read; the fd goes with the process
+
+
+class Node:
+    """A vsock device, its transport and a guest, torn down safely. With a
+    ``VsockProcess``, the device is that process's front-end of ``partition``."""
+
+    def __init__(self, process: VsockProcess | None = None, partition: int = 0, **kw) -> None:
+        dev_kw = {
+            k: kw.pop(k) for k in ("buf_alloc", "connect_timeout", "max_connections") if k in kw
+        }
+        if process is None:
+            self.device = v.VirtioVsock(GUEST_CID, **dev_kw)
+            self.drv = GuestDriver(self.device)
+        else:
+            mem = GuestMemory(MEM_SIZE, backing=MEMFD_4K)
+            name = f"vsock{partition}"
+            self.device = ProcessVsock(
+                process, mem, (0, MEM_SIZE), GUEST_CID, name, partition, **dev_kw
+            )
+            irq = EventfdIrq()
+            self.drv = GuestDriver(
+                self.device, mem, m.VirtioMmioTransport(mem, self.device, irq, name)
+            )
+            self.drv.irq = irq
         self.guest: GuestVsock | None = None
         self.guest_kw = kw
 
@@ -256,32 +307,58 @@ class Node:
         if self.guest is not None:
             self.guest.stop()
         self.drv.close()
+        if isinstance(self.device, ProcessVsock):
+            self.drv.irq.close()
 
 
-@pytest.fixture
-def nodes():
+@pytest.fixture(params=["thread", "process"])
+def nodes(request):
+    """``nodes(**kw)`` makes a Node; with "process" every Node of the test is a front-end
+    of one back-end process, as on a node (so listeners move between them)."""
     made: list[Node] = []
-    listeners: list[HostListener] = []
+    listeners: list[HostListener | RemoteListener] = []
+    process = VsockProcess("vsock-test") if request.param == "process" else None
 
     def make(**kw) -> Node:
-        made.append(Node(**kw))
+        made.append(Node(process, len(made), **kw))
         return made[-1]
 
     make.listeners = listeners
+    make.backends = request.param
     yield make
     for listener in listeners:
         listener.close()
     for node in made:
         node.close()
+    if process is not None:
+        process.close()
 
 
-def listen(nodes, device, guest_port=PORT, **kw) -> HostListener:
+# Run with the device model in this process only: the test reads its internal state.
+thread_only = pytest.mark.parametrize("nodes", ["thread"], indirect=True)
+
+
+def listen(nodes, device, guest_port=PORT, **kw) -> HostListener | RemoteListener:
     listener = device.forward("127.0.0.1", 0, guest_port, **kw)
     nodes.listeners.append(listener)
     return listener
 
 
-def client(listener: HostListener) -> socket.socket:
+def parked(listener: HostListener | RemoteListener) -> int:
+    """Connections waiting in the listener for a guest."""
+    if isinstance(listener, RemoteListener):
+        return listener.status()["parked"]
+    return len(listener.pending)
+
+
+def queue_errors(node: Node, queue: int) -> int:
+    """Malformed chains the device dropped on ``queue``."""
+    if isinstance(node.device, ProcessVsock):
+        return node.device.counts()["queue_errors"][queue]
+    return node.drv.transport.queues[queue].errors
+
+
+def client(listener: HostListener | RemoteListener) -> socket.socket:
     sock = socket.create_connection(listener.address, timeout=TIMEOUT)
     sock.settimeout(TIMEOUT)
     return sock
@@ -605,7 +682,7 @@ def test_indirect_descriptor_is_refused_without_the_feature(nodes):
         guest.txq.chains[slot] = [slot]
         guest.txq.publish(slot)
         guest.txq.kick()
-    until(lambda: node.drv.transport.queues[v.TX].errors == 1)
+    until(lambda: queue_errors(node, v.TX) == 1)
     assert not node.drv.needs_reset()
 
 
@@ -617,13 +694,14 @@ def test_tiny_rx_buffers_are_returned_empty(nodes):
         guest.rxq.post([16])  # too small for a header
         guest.send((5000, 7000), v.OP_REQUEST)  # provoke a reply
         guest._flush_backlog()
-    until(lambda: node.drv.transport.queues[v.RX].errors == 1)
+    until(lambda: queue_errors(node, v.RX) == 1)
     with guest.lock:
         for _ in range(4):
             guest.rxq.post([RX_BUF])
     guest.wait(lambda: (5000, 7000) in guest.resets_seen)
 
 
+@thread_only
 def test_broken_tx_ring_needs_reset_and_recovers(nodes):
     node = nodes()
     guest = node.boot()
@@ -704,7 +782,7 @@ def test_unanswered_requests_move_with_the_listener(nodes):
     ga.wait(lambda: any(op == v.OP_REQUEST for op, _, _ in ga.packets))
     listener.detach()
     ga.wait(lambda: ga.resets_seen)  # A is told to forget the request
-    assert len(listener.pending) == 1
+    assert parked(listener) == 1
     listener.attach(b.device)
     assert recv_exactly(sock, 5) == b"moved"
 
@@ -724,7 +802,9 @@ def test_handed_back_connection_moves_with_its_unread_request(nodes):
         conn.shutdown_sent = True
         ga.send(conn, v.OP_SHUTDOWN, v.SHUTDOWN_RCV)  # "I will read no more from this client"
     ga.wait(lambda: ga.resets_seen)  # the host ends A's stream
-    assert [p.replay for p in listener.pending] == [b"two"]
+    assert parked(listener) == 1
+    if isinstance(listener, HostListener):
+        assert [p.replay for p in listener.pending] == [b"two"]
     assert a.device.connections == 0
 
     listener.attach(b.device)
@@ -735,6 +815,7 @@ def test_handed_back_connection_moves_with_its_unread_request(nodes):
         assert len(gb.conns) == 1
 
 
+@thread_only
 def test_reply_still_in_flight_is_delivered_after_a_hand_back(nodes):
     # A sends 16 MiB, then hands the stream back.
     a, ga, b, _, listener = two_services(nodes, "handback", buf_alloc=16 << 20)
@@ -833,8 +914,7 @@ def test_closing_a_device_leaves_the_listener_usable(nodes):
 
 
 def test_connection_cap_leaves_the_rest_waiting(nodes):
-    node = nodes()
-    node.device.max_connections = 2
+    node = nodes(max_connections=2)
     node.guest_kw = {"listening": {PORT: "echo"}}
     node.boot()
     listener = listen(nodes, node.device)
@@ -852,6 +932,7 @@ def test_connection_cap_leaves_the_rest_waiting(nodes):
     assert recv_exactly(socks[3], 1) == b"3"
 
 
+@thread_only
 def test_reply_flood_without_rx_buffers_is_bounded(nodes):
     node = nodes()
     node.guest_kw = {"rx_buffers": 0}  # the guest never takes the replies
@@ -875,6 +956,7 @@ def host_conns(device: v.VirtioVsock) -> list:
         return list(device._conns.values())
 
 
+@thread_only
 def test_quiesce_hands_every_stream_back_and_redrives_the_unanswered_request(nodes):
     a, ga, b, gb, listener = two_services(nodes)
     answered, working, unread = client(listener), client(listener), client(listener)

@@ -237,7 +237,7 @@ class Host:
         op = request.get("op")
         if op == "add":
             return self._add(request, fds)
-        if fds:
+        if fds and op in GENERIC_OPS:
             raise ValueError(f"op {op!r} takes no fds ({len(fds)} came)")
         if op == "remove":
             name = request.get("name")
