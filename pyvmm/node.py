@@ -76,9 +76,9 @@ class ServiceDevices:
         exit status, error, restarts, last death (one process serves them all);
         {} with threads."""
         return {
-            f"blk{i}": disk.describe()  # type: ignore[attr-defined]
-            for i, disk in enumerate(self.disks)
-            if hasattr(disk, "describe")
+            front.name: front.describe()  # type: ignore[attr-defined]
+            for front in [*self.vsocks, *self.disks]
+            if hasattr(front, "describe")
         }
 
     def disk_writer(self) -> int | None:
@@ -111,7 +111,9 @@ def add_service_devices(
         raise UsageError(f"--device-backends {backends!r}: one of {', '.join(DEVICE_BACKENDS)}")
     devices = ServiceDevices()
     devices.backends = backends
-    for partition in machine.memory.partitions:
+    if backends == "process":
+        _add_process_vsocks(machine, devices)
+    for partition in machine.memory.partitions if backends == "thread" else ():
         vsock = VirtioVsock(FIRST_GUEST_CID + partition.index)
         machine.attach_virtio(f"vsock{partition.index}", vsock, partition.index)
         devices.vsocks.append(vsock)
@@ -140,6 +142,32 @@ def add_service_devices(
             raise UsageError(f"--forward {forward}: {exc.strerror or exc}") from None
         devices.listeners.append(listener)
     return devices
+
+
+def _add_process_vsocks(machine: Machine, devices: ServiceDevices) -> None:
+    """One back-end process for every partition's vsock front-end (each mapping only
+    its partition); it owns the host side of the streams, the VMM the listening
+    sockets (``backends.vsock_front``)."""
+    from .backends.process import BackendError
+    from .backends.vsock_front import ProcessVsock, VsockProcess
+
+    try:
+        process = VsockProcess()
+    except (BackendError, OSError) as exc:
+        raise UsageError(f"the vsock back-end process: {exc}") from None
+    for partition in machine.memory.partitions:
+        name = f"vsock{partition.index}"
+        window = (partition.base, partition.size)
+        cid = FIRST_GUEST_CID + partition.index
+        try:
+            vsock = ProcessVsock(process, machine.memory, window, cid, name, partition.index)
+        except (BackendError, OSError) as exc:
+            for front in devices.vsocks:
+                front.close()
+            process.close()
+            raise UsageError(f"{name}: {exc}") from None
+        machine.attach_virtio(name, vsock, partition.index)
+        devices.vsocks.append(vsock)  # type: ignore[arg-type]
 
 
 def _add_process_disks(machine: Machine, disk: str, devices: ServiceDevices) -> BlkProcess:

@@ -341,3 +341,85 @@ def test_a_killed_disk_back_end_is_reported_within_1s_and_restarted(kernels, dis
     finally:
         after.stop()
     assert not missing and len(acked) >= 20
+
+
+def test_a_killed_vsock_back_end_is_restarted_and_its_port_never_refuses(kernels, disk, tmp_path):
+    """The vsock back-end killed under load: noticed within 1 s, a new process serves
+    the listener again from the socket the VMM kept, the streams the dead one carried
+    are counted as lost, and the port never refuses a connection meanwhile (clients
+    wait in the listen queue)."""
+    control = str(tmp_path / "node.sock")
+    service = WebKv(kernels, disk, "v1", "process", "--control", control)
+
+    def backends() -> dict:
+        return control_request(control, {"op": "status"})["result"]["device_backends"]
+
+    try:
+        before = backends()
+        pid = before["vsock0"]["pid"]
+        assert before["vsock1"]["pid"] == pid  # one process serves every partition
+        stop = threading.Event()
+        served: list[float] = []
+        refused: list[float] = []
+
+        def load() -> None:  # keep-alive clients: their streams live in the back-end
+            while not stop.is_set():
+                conn = service.conn()
+                conn.timeout = 2
+                try:
+                    while not stop.is_set():
+                        conn.request("GET", "/status")
+                        response = conn.getresponse()
+                        response.read()
+                        served.append(time.monotonic())
+                except (OSError, http.client.HTTPException):
+                    time.sleep(0.01)  # lost with the back-end: a new connection
+                finally:
+                    conn.close()
+
+        def probe() -> None:  # connects, as a new client would; never refused
+            while not stop.is_set():
+                try:
+                    socket.create_connection(("127.0.0.1", service.port), timeout=2).close()
+                except ConnectionRefusedError:
+                    refused.append(time.monotonic())
+                except OSError:
+                    pass
+                time.sleep(0.005)
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+        threads.append(threading.Thread(target=probe, daemon=True))
+        for thread in threads:
+            thread.start()
+        while len(served) < 100:
+            time.sleep(0.01)
+        time.sleep(0.3)  # the back-end's counters page has seen the streams
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while True:
+            vsock0 = backends()["vsock0"]
+            if not vsock0["alive"] or vsock0["restarts"] or time.monotonic() - killed > 5:
+                break
+        assert time.monotonic() - killed < 1.0, vsock0
+        deadline = time.monotonic() + 15
+        while not (vsock0["restarts"] and vsock0["alive"]) and time.monotonic() < deadline:
+            vsock0 = backends()["vsock0"]
+        assert vsock0["alive"] and vsock0["pid"] != pid and vsock0["restarts"] == 1
+        assert "status -9" in vsock0["last_death"]
+        assert vsock0["lost_connections"] >= 1  # the keep-alive streams it carried
+        listeners = control_request(control, {"op": "status"})["result"]["service"]["listeners"]
+        assert [listener["partition"] for listener in listeners] == [0]
+        # new connections are served by the new process once the guest's driver has
+        # reset the device (its NEEDS_RESET)
+        restarted = time.monotonic()
+        deadline = restarted + 20
+        while not any(t > restarted for t in served) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(t > restarted for t in served), "nothing served after the restart"
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        assert refused == []
+    finally:
+        stop.set()
+        service.stop()
