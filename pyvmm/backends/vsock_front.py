@@ -155,7 +155,25 @@ class ProcessVsock(VhostUserDevice):
         return int(self.counts().get("dropped", 0))  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), "lost_connections": self.lost_connections}
+        """The process's state, streams lost with dead ones, and the live process's
+        account of this front-end: connections, parked, packets and calls per ring."""
+        described = {**super().describe(), "lost_connections": self.lost_connections}
+        if self.error or not self.process.alive:
+            return described
+        try:
+            status = self.process.status()
+        except BackendError:
+            return described  # dead or hung meanwhile: ``error`` says so next time
+        counts = status["vsock"].get(self.name, {})  # type: ignore[union-attr]
+        rings = status["devices"].get(self.name, {}).get("rings", [])  # type: ignore[union-attr]
+        listeners = status["listeners"].values()  # type: ignore[union-attr]
+        described.update(
+            connections=counts.get("connections"),
+            parked=sum(n["parked"] for n in listeners if n["device"] == self.name),
+            packets=counts.get("packets"),
+            calls=[ring["calls"] for ring in rings],
+        )
+        return described
 
     # --- transport interface ---------------------------------------------------------
 
