@@ -10,8 +10,11 @@ disk before it owns it. Forwarded ports start on ``vsock0``.
 With ``backends="process"`` the disk is served by ONE back-end process
 (``pyvmm.backends.blk``) for every partition's front-end, each over its own vhost-user
 connection mapping only its partition; the write lease lives in that process and
-``give_disk`` moves it with a control op (``BlkProcess.grant``). Such a node still
-refuses to be virtualized until the back-ends' interrupts can be routed to an owner.
+``give_disk`` moves it with a control op (``BlkProcess.grant``). The vsock front-ends
+are served likewise by one process (``pyvmm.backends.vsock``), which owns the streams;
+the VMM keeps the listening sockets, and the listeners (``RemoteListener``) move by
+control op. Such a node still refuses to be virtualized until the back-ends'
+interrupts can be routed to an owner.
 """
 
 from __future__ import annotations
