@@ -16,6 +16,7 @@ import time
 
 import pytest
 from harness import GuestProcess
+from kvload import KvLoad, longest_stall_ms
 
 pytestmark = pytest.mark.kvm
 DISK_SIZE = 16 << 20
@@ -330,7 +331,7 @@ def test_a_killed_disk_back_end_is_reported_within_1s_and_restarted(kernels, dis
             assert blk["restarts"] == 1 and "status -9" in blk["last_death"]
         assert now["blk0"]["pid"] == now["blk1"]["pid"]
         stop.set()
-        thread.join(40)  # the guest sees NEEDS_RESET; the requests end, none hangs
+        thread.join(40)  # the guest sets the disk up again: the PUTs go on, none hangs
         assert not thread.is_alive()
         other = now["blk1"]["pid"]
     finally:
@@ -429,3 +430,88 @@ def test_a_killed_vsock_back_end_is_restarted_and_its_port_never_refuses(kernels
     finally:
         stop.set()
         service.stop()
+
+
+@pytest.mark.parametrize(
+    ("sig", "why"),
+    [(signal.SIGKILL, "needs-reset"), (signal.SIGSTOP, "timeout")],
+    ids=["killed", "hung"],
+)
+def test_a_failed_disk_back_end_is_invisible_to_clients(kernels, disk, tmp_path, sig, why):
+    """The disk's back-end process dies (SIGKILL: the VMM sets NEEDS_RESET) or hangs
+    (SIGSTOP: no request completes; the guest's driver gives up waiting after 5 s, and
+    the VMM kills the back-end when it misses the reset's time-out) under kvload's 8
+    clients: the guest's driver sets the device up again and replays the requests in
+    flight, so no client sees an error, and every acknowledged write is on the disk."""
+    control = str(tmp_path / "node.sock")
+    service = WebKv(kernels, disk, "v1", "process", "--control", control)
+    load = KvLoad(service.port, clients=8)
+    try:
+        load.start()
+        load.wait_started()
+        time.sleep(2)  # under load
+        pid = control_request(control, {"op": "status"})["result"]["device_backends"]["blk0"]["pid"]
+        os.kill(pid, sig)
+        reset = service.guest.expect(rf"vblk: device-reset why={why} inflight=(\d+)\n", 20)
+        done = service.guest.expect(
+            r"vblk: reinitialised tries=(\d+) replayed=(\d+) ms=(\d+)\n", 40
+        )
+        time.sleep(2)  # and on after it
+        load.stop()
+        status = json.loads(service.request("GET", "/status")[1])
+        assert service.request("PUT", "/kv/after", b"x")[0] == 201
+        assert service.request("GET", "/kv/after") == (200, b"x")
+        blk0 = control_request(control, {"op": "status"})["result"]["device_backends"]["blk0"]
+    finally:
+        service.stop()  # SIGKILL: the image is what a fresh boot recovers
+    print(
+        f"disk back-end {sig.name}: {reset[1]} in flight, set up again after {done[1]} tries"
+        f" in {done[3]} ms, {done[2]} replayed; {len(load.samples)} requests, longest"
+        f" {longest_stall_ms(load.samples):.0f} ms, {len(load.failures)} failed"
+    )
+    assert status["disk"] == "ok" and status["disk_resets"] == 1, status
+    assert blk0["alive"] and blk0["restarts"] == 1 and "status -9" in blk0["last_death"], blk0
+    assert load.failures == []
+    assert load.writes > 50 and load.lost_on_disk(str(disk)) == []
+
+
+def test_a_vsock_device_reset_costs_only_the_open_connections(kernels, disk):
+    """The vsock device needs a reset (here: webkv's vsock-ring-error fault publishes a
+    head index the device must refuse; the same NEEDS_RESET as a dead vsock back-end
+    process) under kvload's 8 clients: every stream open at that moment is gone on the
+    host's side, so each is reset, and counted; the listeners stay, the driver sets
+    the device up again, and new connections are served. A client loses at most the
+    one request its connection carried."""
+    agent_port = free_port()
+    service = WebKv(kernels, disk, "v1", "thread", "--forward", f"127.0.0.1:{agent_port}=7000")
+    load = KvLoad(service.port, clients=8)
+    try:
+        load.start()
+        load.wait_started()
+        time.sleep(2)
+        with socket.create_connection(("127.0.0.1", agent_port), timeout=10) as agent:
+            agent.sendall(b"fault vsock-ring-error\n")
+            reset = service.guest.expect(r"vsock: device-reset connections=(\d+)\n", 10)
+            done = service.guest.expect(r"vsock: reinitialised tries=(\d+) ms=(\d+)\n", 30)
+            try:  # the agent's own stream was one of them
+                assert agent.recv(4096) in (b"", b"ok fault=vsock-ring-error\n")
+            except ConnectionResetError:
+                pass
+        time.sleep(2)  # new connections are served
+        load.stop()
+        status = json.loads(service.request("GET", "/status")[1])
+        assert service.request("PUT", "/kv/after", b"x")[0] == 201
+    finally:
+        service.stop()
+    open_streams = int(reset[1])
+    print(
+        f"vsock device reset: {open_streams} streams open (8 clients + the agent), set up"
+        f" again after {done[1]} tries in {done[2]} ms; {len(load.samples)} requests,"
+        f" {len(load.failures)} failed, {load.reconnects} reconnects,"
+        f" longest {longest_stall_ms(load.samples):.0f} ms"
+    )
+    assert status["vsock_resets"] == 1 and status["streams_lost"] == open_streams, status
+    # One failure per client whose connection was open, none after: each reconnected.
+    assert open_streams <= 9 and len(load.failures) <= 8, load.failures
+    assert load.reconnects == len(load.failures)
+    assert load.writes > 50 and load.lost_on_disk(str(disk)) == []

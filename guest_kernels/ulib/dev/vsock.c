@@ -218,6 +218,9 @@ void vs_flush(struct vsock *vs, uint64_t now)
 	int blocked = 0;
 	unsigned i = 0;
 
+	if (vs->recovering || vs->failed)
+		return;
+
 	for (; i < vs->rst_n; i++)
 		if (!send_ctl(vs, vs->rst_q[i][0], vs->rst_q[i][1], VSOCK_OP_RST, 0, NULL))
 			break;
@@ -465,14 +468,50 @@ static void post_ev(struct vsock *vs, unsigned i)
 	virtq_add(&vs->evq, &b, 0, 1, (void *)(uintptr_t)(i + 1));
 }
 
+/* Every connection is gone on the host's side (transport reset, device reset). */
 static void reset_all(struct vsock *vs)
 {
+	vs->stats.conns_lost += vs->nconns;
 	for (unsigned i = 0; i < VS_MAX_CONNS; i++)
 		if (vs->conns[i].state != VS_FREE)
 			conn_reset(vs, &vs->conns[i]);
 	for (unsigned i = 0; i < vs->nlisteners; i++)
 		vs->listeners[i].count = 0;
 	vs->rst_n = 0;
+	while (vs->dirty_head)
+		vs_unmark_dirty(vs, vs->dirty_head);
+	vs->rx_reposted = 0;
+	vs->blocked_on_slots = 0;
+}
+
+static int setup(struct vsock *vs);
+
+/* One set-up attempt if one is due (after NEEDS_RESET); the next is scheduled if it fails. */
+static void recover_step(struct vsock *vs, uint64_t now)
+{
+	uint64_t delay;
+
+	if (!vs->recovering || now < vs->retry_ns)
+		return;
+	vs->tries++;
+	if (setup(vs) == 0) {
+		vs->recovering = 0;
+		vs->stats.reinits++;
+		uprintf("vsock: reinitialised tries=%u ms=%lu\n", vs->tries,
+			(unsigned long)((uclock_ns() - vs->recover_start_ns) / 1000000));
+		return;
+	}
+	if (vs->tries >= VS_RESET_TRIES) {
+		uprintf("vsock: error=reset-failed tries=%u\n", vs->tries);
+		virtio_failed(&vs->dev);
+		vs->recovering = 0;
+		vs->failed = 1;
+		return;
+	}
+	delay = VS_RETRY_NS << (vs->tries < 5 ? vs->tries - 1 : 4);
+	if (delay > 1000000000ULL)
+		delay = 1000000000ULL;
+	vs->retry_ns = now + delay;
 }
 
 int vs_poll(struct vsock *vs, uint64_t now)
@@ -481,6 +520,10 @@ int vs_poll(struct vsock *vs, uint64_t now)
 	uint32_t len;
 	int work = 0;
 
+	if (vs->recovering)
+		recover_step(vs, now);
+	if (vs->recovering || vs->failed)
+		return 0;		/* the rings are not the device's (yet) */
 	for (unsigned n = 0; n < vs->rxq.size && (cookie = virtq_get(&vs->rxq, &len)); n++) {
 		unsigned i = (uintptr_t)cookie - 1;
 		handle_packet(vs, vs->rxmem + (size_t)i * VS_RX_BUF_SIZE, len, now);
@@ -496,6 +539,7 @@ int vs_poll(struct vsock *vs, uint64_t now)
 		unsigned i = (uintptr_t)cookie - 1;
 		if (len >= 4 && vs->evbuf[i * 2] == VIRTIO_VSOCK_EVENT_TRANSPORT_RESET) {
 			vs->stats.transport_resets++;
+			uprintf("vsock: transport-reset connections=%u\n", vs->nconns);
 			reset_all(vs);
 			vs->cid = virtio_config64(&vs->dev, 0);
 		}
@@ -564,10 +608,6 @@ int vs_init(struct vsock *vs, const struct vs_callbacks *cb)
 int vs_restart(struct vsock *vs)
 {
 	reset_all(vs);
-	while (vs->dirty_head)
-		vs_unmark_dirty(vs, vs->dirty_head);
-	vs->rx_reposted = 0;
-	vs->blocked_on_slots = 0;
 	return setup(vs);
 }
 
@@ -642,6 +682,8 @@ void vs_abort(struct vsock *vs, struct vs_conn *c)
 
 int vs_arm(struct vsock *vs)
 {
+	if (vs->recovering || vs->failed)
+		return 0;
 	virtq_intr(&vs->rxq, 1);
 	virtq_intr(&vs->evq, 1);
 	virtq_intr(&vs->txq, vs->blocked_on_slots);
@@ -651,6 +693,8 @@ int vs_arm(struct vsock *vs)
 
 void vs_disarm(struct vsock *vs)
 {
+	if (vs->recovering || vs->failed)
+		return;
 	virtq_intr(&vs->rxq, 0);
 	virtq_intr(&vs->evq, 0);
 	virtq_intr(&vs->txq, 0);
@@ -659,11 +703,19 @@ void vs_disarm(struct vsock *vs)
 void vs_interrupt(struct vsock *vs)
 {
 	uint32_t isr = virtio_isr(&vs->dev);
+	uint64_t now;
 
-	if ((isr & VIRTIO_INT_CONFIG) && (virtio_status(&vs->dev) & VIRTIO_S_NEEDS_RESET)) {
-		uprintf("vsock: error=needs-reset restarting\n");
-		vs->stats.transport_resets++;
-		if (vs_restart(vs))
-			uprintf("vsock: error=restart-failed\n");
-	}
+	/* While recovering, a try that failed raises NEEDS_RESET again: the schedule
+	 * decides when to try next, not the interrupt. */
+	if (vs->recovering || vs->failed || !(isr & VIRTIO_INT_CONFIG) ||
+	    !(virtio_status(&vs->dev) & VIRTIO_S_NEEDS_RESET))
+		return;
+	now = uclock_ns();
+	uprintf("vsock: device-reset connections=%u\n", vs->nconns);
+	vs->stats.transport_resets++;
+	reset_all(vs);
+	vs->recovering = 1;
+	vs->tries = 0;
+	vs->retry_ns = vs->recover_start_ns = now;
+	recover_step(vs, now);	/* at once: a device reset may be all it takes */
 }

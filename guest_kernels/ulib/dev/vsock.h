@@ -25,6 +25,19 @@
  * waits for the peer's RST (VS_CLOSE_TIMEOUT_NS, then RST); the application no
  * longer hears of the connection.  vs_abort() sends RST at once.
  *
+ * A device that needs a reset (NEEDS_RESET: pyvmm's vsock back-end died or met a
+ * ring it refuses) or sends a transport reset event loses every connection: the
+ * host's side of each is gone, so each is reset (the application hears of it
+ * through the reset callback) and counted in stats.conns_lost.  The listeners stay;
+ * connections waiting in their backlogs are forgotten (the host re-sends or drops
+ * them).  After NEEDS_RESET the device is set up again; a try that fails is
+ * repeated (VS_RESET_TRIES, backing off to 1 s apart, ~25 s in all), while
+ * vs_poll() is called, which it must be a few times a second while
+ * vs->recovering; then the device is left FAILED (vs->failed).  Console lines:
+ *   vsock: device-reset connections=<n>
+ *   vsock: reinitialised tries=<n> ms=<n>
+ *   vsock: error=reset-failed tries=<n>
+ *
  * Handing back: vs_hand_back() is vs_close() that shuts down only our receive
  * side and leaves unread input unconsumed (fwd_cnt stays).  pyvmm's host
  * forwarder takes that as "this service reads no more from this client": the
@@ -50,6 +63,8 @@
 #define VS_TX_SLOT_SIZE		(16u << 10)	/* header + payload */
 #define VS_CLOSE_TIMEOUT_NS	5000000000ULL
 #define VS_RST_QUEUE		256
+#define VS_RESET_TRIES		30
+#define VS_RETRY_NS		50000000ULL	/* first retry 50 ms later, then doubling up to 1 s */
 
 #define VSOCK_OP_REQUEST	1
 #define VSOCK_OP_RESPONSE	2
@@ -111,7 +126,9 @@ struct vs_listener {
 struct vs_stats {
 	uint64_t rx_packets, tx_packets, rx_bytes, tx_bytes;
 	uint64_t accepted, refused, resets_in, resets_out, dropped, credit_updates;
-	uint64_t transport_resets;
+	uint64_t transport_resets;	/* transport reset events and NEEDS_RESETs */
+	uint64_t conns_lost;		/* connections reset by those */
+	uint64_t reinits;		/* successful set-ups after NEEDS_RESET */
 };
 
 struct vsock {
@@ -136,12 +153,15 @@ struct vsock {
 	int rx_reposted;
 	int blocked_on_slots;		/* output waits for tx slots: want tx interrupts */
 	int timed;			/* connections in VS_CLOSING */
+	uint8_t recovering, failed;	/* set up again after NEEDS_RESET / given up */
+	unsigned tries;
+	uint64_t retry_ns, recover_start_ns;
 	struct vs_stats stats;
 };
 
 /* Find the device (first vsock on the command line), set it up, post rx buffers. */
 int vs_init(struct vsock *vs, const struct vs_callbacks *cb);
-/* Re-initialise after a device error or a transport reset: every connection is reset. */
+/* Re-initialise after a device error: every connection is reset; 0 or VIRTIO_E_*. */
 int vs_restart(struct vsock *vs);
 
 int vs_listen(struct vsock *vs, uint32_t port, int accepting);

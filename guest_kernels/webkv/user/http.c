@@ -546,11 +546,14 @@ int status_json(char *buf, size_t size)
 	return ksnprintf(buf, size,
 			 "{\"version\": \"" VERSION_NAME "\", \"instance\": \"%s\", \"uptime_ms\": %lu, "
 			 "\"keys\": %lu, \"role\": \"%s\", \"connections\": %u, \"streams\": %u, \"disk\": \"%s\", "
-			 "\"log_records\": %lu, \"log_batches\": %lu, \"compactions\": %lu}",
+			 "\"log_records\": %lu, \"log_batches\": %lu, \"compactions\": %lu, \"disk_resets\": %lu, "
+			 "\"vsock_resets\": %lu, \"streams_lost\": %lu}",
 			 name, uptime_ms(), (unsigned long)kv_count(),
 			 role == ROLE_PRIMARY ? "primary" : role == ROLE_RELEASED ? "released" : "standby",
-			 n_http, vs.nconns, !wal_is_open() ? "none" : wal_failed() ? "error" : "ok",
-			 wal_stats.records, wal_stats.batches, wal_stats.compactions);
+			 n_http, vs.nconns,
+			 !wal_is_open() ? "none" : wal_failed() ? "error" : vblk_recovering(&disk) ? "resetting" : "ok",
+			 wal_stats.records, wal_stats.batches, wal_stats.compactions, (unsigned long)disk.resets,
+			 (unsigned long)vs.stats.reinits, (unsigned long)vs.stats.conns_lost);
 }
 
 #if WEBKV_VERSION >= 2

@@ -46,6 +46,8 @@ static unsigned port_streams(uint32_t port)
 
 /*
  * never-serving: acquire gets no reply and nothing is served, ever (B);
+ * vsock-ring-error: the vsock driver publishes a head index the device must refuse,
+ * so the device needs a reset and the driver sets it up again (A);
  * release-refused: release answered "refused", serving on (A);
  * release-hang: release gets no reply and nothing is released: the agent hangs (A);
  * release-close: the release begins, and the agent closes its connection (A);
@@ -54,7 +56,7 @@ static unsigned port_streams(uint32_t port)
  */
 static const char *const fault_names[N_FAULTS] = {
 	"none", "never-serving", "release-refused", "release-hang", "release-close",
-	"crash-on-acquire", "agent-close"
+	"crash-on-acquire", "agent-close", "vsock-ring-error"
 };
 static enum fault armed_fault;
 
@@ -77,6 +79,28 @@ int fault_fires(enum fault f)
 	armed_fault = FAULT_NONE;
 	uprintf("webkv: fault=%s\n", fault_names[f]);
 	return 1;
+}
+
+/*
+ * The vsock-ring-error fault: a head index >= the queue size in the tx ring's avail
+ * ring, as a broken driver would publish it.  No descriptor has that index, so the
+ * device cannot use the ring, and pyvmm's sets NEEDS_RESET: the same path as a vsock back-end process that dies, so
+ * the driver's re-initialisation is tested with either back-end.  Fired after the
+ * loop round's vs_flush, so the agent's "ok" is ahead of it in the ring.
+ */
+static void vsock_ring_error(void)
+{
+#ifdef ULIB_NATIVE
+	wlog("webkv: warning=fault-unsupported native\n");	/* TCP sockets: no ring */
+#else
+	struct virtq *q = &vs.txq;
+
+	q->avail[2 + (q->avail_idx & (q->size - 1))] = q->size;
+	virtio_barrier();
+	q->avail[1] = ++q->avail_idx;
+	q->added++;
+	virtq_kick(q);
+#endif
 }
 
 /* ---- deferred console lines ---- */
@@ -186,7 +210,10 @@ int do_acquire(char *reply, size_t size)
 
 static void timers(void)
 {
-	int need = http_busy() || vs.timed || releasing;
+	/* Also while a disk request is outstanding or a device is being set up again:
+	 * the drivers' time-outs and retries run from the loop. */
+	int need = http_busy() || vs.timed || releasing || wal_in_flight() || vs.recovering ||
+		   vblk_recovering(&disk);
 
 	if (need) {
 		timer_idle_since = 0;
@@ -236,11 +263,13 @@ static __attribute__((noreturn)) void loop(void)
 		if (releasing)
 			check_release();
 		vs_flush(&vs, now_ns);
+		if (fault_fires(FAULT_VSOCK_RING_ERROR))
+			vsock_ring_error();
 		http_reap();
 		timers();
 		if (work)
 			continue;
-		if (wal_in_flight()) {
+		if (wal_in_flight() && !vblk_recovering(&disk)) {
 			/* The disk usually answers within VBLK_SPIN_NS: poll rather than
 			 * sleep for its interrupt (an entry at CPL0 and two exits). */
 			struct virtq *qs[] = { &disk.q, &vs.rxq };

@@ -138,7 +138,7 @@ void agent_reply_all(int which, const char *line);
 #define AGENT_WAIT_FOREVER	3	/* the never-serving fault: no reply, ever */
 enum fault {	/* injected faults: see main.c */
 	FAULT_NONE, FAULT_NEVER_SERVING, FAULT_RELEASE_REFUSED, FAULT_RELEASE_HANG,
-	FAULT_RELEASE_CLOSE, FAULT_CRASH_ON_ACQUIRE, FAULT_AGENT_CLOSE, N_FAULTS
+	FAULT_RELEASE_CLOSE, FAULT_CRASH_ON_ACQUIRE, FAULT_AGENT_CLOSE, FAULT_VSOCK_RING_ERROR, N_FAULTS
 };
 int fault_fires(enum fault f);
 
