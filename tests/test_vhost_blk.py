@@ -22,6 +22,7 @@ from pyvmm.devices.virtio import blk as b
 from pyvmm.devices.virtio import mmio as m
 from pyvmm.devices.virtio import queue as q
 from pyvmm.memory import MEMFD_4K, GuestMemory, MiB
+from pyvmm.node import ServiceDevices
 
 SECTORS = 256
 MEM = 32 * MiB
@@ -398,3 +399,18 @@ def test_a_hung_shared_process_is_killed_and_both_front_ends_are_told(pair):
     for drv in (first, second):
         (vq,) = drv.start()
         assert request(vq, [header(b.VIRTIO_BLK_T_IN, 0), 512, 1])[2][-1] == b.VIRTIO_BLK_S_OK
+
+
+def test_the_node_moves_the_disk_through_the_process(pair):
+    (first, second), (vq0, vq1) = pair
+    services = ServiceDevices()
+    services.backends = "process"
+    services.disks = [first.backend, second.backend]
+    services.lease = first.backend.process  # as add_service_devices sets it
+    assert services.disk_writer() == 0
+    services.give_disk(1)  # no longer refused between partitions
+    assert services.disk_writer() == 1 and services.lease.status()["lease"] == "blk1"
+    assert write(vq0, 30, b"z" * 512) == b.VIRTIO_BLK_S_IOERR
+    assert write(vq1, 31, b"z" * 512) == b.VIRTIO_BLK_S_OK
+    backends = services.backend_status()
+    assert backends["blk0"]["pid"] == backends["blk1"]["pid"] and backends["blk1"]["alive"]

@@ -72,7 +72,12 @@ class VhostUserDevice(VirtioBackend):
         self._protocol = False
         self._running: set[int] = set()
         self._closed = False
-        process.attach(self)
+        try:
+            process.attach(self)
+        except BaseException:
+            for fd in self.kick_fds:
+                os.close(fd)
+            raise
 
     def connect(self) -> None:
         """Add this front-end to the (new) process and set the connection up. After a
