@@ -15,6 +15,7 @@ import pytest
 from test_virtio_driver import GuestDriver, no_backend_crash  # noqa: F401
 
 from pyvmm.backends import channel
+from pyvmm.backends import process as process_module
 from pyvmm.backends import vhost_user as vu
 from pyvmm.backends.blk_front import BlkProcess, ProcessBlk
 from pyvmm.backends.process import BackendError
@@ -414,3 +415,21 @@ def test_the_node_moves_the_disk_through_the_process(pair):
     assert write(vq1, 31, b"z" * 512) == b.VIRTIO_BLK_S_OK
     backends = services.backend_status()
     assert backends["blk0"]["pid"] == backends["blk1"]["pid"] and backends["blk1"]["alive"]
+
+
+def test_after_max_restarts_the_front_ends_stay_failed(pair, monkeypatch):
+    (first, second), _ = pair
+    process = first.backend.process
+    monkeypatch.setattr(process_module, "MAX_RESTARTS", 1)
+    os.kill(process.pid, signal.SIGKILL)
+    assert wait_for(lambda: process.restarts == 1 and not first.backend.error)
+    last = process.pid
+    os.kill(last, signal.SIGKILL)
+    assert wait_for(lambda: not process.alive)
+    time.sleep(0.3)  # no third process comes
+    assert process.restarts == 1 and process.pid == last
+    for drv in (first, second):
+        assert drv.needs_reset() and not drv.backend.describe()["alive"]
+        assert drv.backend.describe()["error"]
+        drv.start()  # the driver's set-up fails at once, nothing waits on a dead process
+        assert drv.needs_reset()
