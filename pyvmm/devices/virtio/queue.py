@@ -279,10 +279,15 @@ class Virtqueue:
         self.memory.check(addr, length)
 
     def _window(self, head: int, addr: int, length: int) -> memoryview:
+        if addr < self.dma_base or addr + length > self.dma_end:
+            raise ChainError(
+                head,
+                f"guest-physical range {addr:#x}+{length:#x} is outside the device's "
+                f"DMA window [{self.dma_base:#x}, {self.dma_end:#x})",
+            )
         try:
-            self._check(addr, length)
-            return self.memory.view(addr, length)
-        except MemoryAccessError as exc:
+            return self.memory.view(addr, length)  # which checks it against guest RAM
+        except (MemoryAccessError, ValueError) as exc:
             raise ChainError(head, str(exc)) from None
 
 

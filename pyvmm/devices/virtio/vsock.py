@@ -443,7 +443,13 @@ class VirtioVsock(VirtioBackend):
             self.dropped += 1
             note_error("vsock packet shorter than its header")
             return
-        fields = HDR.unpack(gather(chain.readable, HDR.size))
+        readable = chain.readable
+        first = readable[0]
+        if len(first) >= HDR.size:  # header (and usually payload) in one descriptor
+            fields = HDR.unpack_from(first)
+        else:
+            first = None
+            fields = HDR.unpack(gather(readable, HDR.size))
         src_cid, dst_cid, src_port, dst_port, length, kind, op, flags, buf_alloc, fwd = fields
         if length > chain.readable_len - HDR.size or length > MAX_PKT:
             self.dropped += 1
@@ -470,11 +476,14 @@ class VirtioVsock(VirtioBackend):
                 note_error(f"vsock port {dst_port}: guest sent beyond its credit")
                 self._abort(conn)
                 return
-            conn.to_tcp += gather(chain.readable, length, HDR.size)
+            if first is not None and len(first) >= HDR.size + length:
+                data = first[HDR.size : HDR.size + length]  # no copy: sent from guest RAM
+            else:
+                data = memoryview(gather(readable, length, HDR.size))
             conn.rx_cnt = (conn.rx_cnt + length) & _MASK32
             if length:
                 conn.guest_sent()
-            if not conn.flush_tcp():
+            if not conn.send_tcp(data):
                 self._abort(conn)
                 return
         elif op == OP_CREDIT_REQUEST:
@@ -554,8 +563,7 @@ class VirtioVsock(VirtioBackend):
                 continue
             if conn is None:
                 host_port, guest_port, cop = self._control.popleft()
-                header = self._header(host_port, guest_port, cop, 0, 0, 0, 0)
-                scatter(chain.writable, header)
+                self._put_header(chain, host_port, guest_port, cop, 0, 0, 0, 0)
                 queue.push(chain.head, HDR.size)
                 continue
             queue.push(chain.head, self._conn_packet(chain, conn, op))
@@ -569,10 +577,15 @@ class VirtioVsock(VirtioBackend):
         payload = b""
         flags = 0
         if op == OP_RW:
-            n = min(len(conn.to_guest), conn.credit(), chain.writable_len - HDR.size, MAX_PKT)
+            to_guest = conn.to_guest
+            n = min(len(to_guest), conn.credit(), chain.writable_len - HDR.size, MAX_PKT)
             if n > 0:
-                payload = bytes(conn.to_guest[:n])
-                del conn.to_guest[:n]
+                if n == len(to_guest):  # all of it: the buffer itself moves on
+                    payload = to_guest
+                    conn.to_guest = bytearray()
+                else:
+                    payload = to_guest[:n]
+                    del to_guest[:n]
                 conn.sent_to_guest(payload)
             else:
                 op = OP_CREDIT_UPDATE  # a buffer with room for the header only
@@ -584,17 +597,33 @@ class VirtioVsock(VirtioBackend):
             conn.deadline = time.monotonic() + self.connect_timeout
         conn.credit_requested = False
         conn.adv_fwd_cnt = conn.fwd_cnt
-        header = self._header(
-            conn.host_port, conn.guest_port, op, flags, len(payload), self.buf_alloc, conn.fwd_cnt
+        length = len(payload)
+        first = self._put_header(
+            chain, conn.host_port, conn.guest_port, op, flags, length, self.buf_alloc, conn.fwd_cnt
         )
-        scatter(chain.writable, header)
-        scatter(chain.writable, payload, HDR.size)
-        return HDR.size + len(payload)
+        if first is not None and len(first) >= HDR.size + length:
+            first[HDR.size : HDR.size + length] = payload
+        else:
+            scatter(chain.writable, payload, HDR.size)
+        return HDR.size + length
 
-    def _header(
-        self, host_port: int, guest_port: int, op: int, flags: int, length: int, buf: int, fwd: int
-    ) -> bytes:
-        cid = self.guest_cid
-        return HDR.pack(
-            HOST_CID, cid, host_port, guest_port, length, TYPE_STREAM, op, flags, buf, fwd
-        )
+    def _put_header(
+        self,
+        chain: Chain,
+        host_port: int,
+        guest_port: int,
+        op: int,
+        flags: int,
+        length: int,
+        buf: int,
+        fwd: int,
+    ) -> memoryview | None:
+        """Write a packet's header at the start of the chain's writable buffers; the
+        first buffer if the header fit in it (the payload usually goes after it)."""
+        fields = (HOST_CID, self.guest_cid, host_port, guest_port, length, TYPE_STREAM, op, flags)
+        first = chain.writable[0]
+        if len(first) >= HDR.size:
+            HDR.pack_into(first, 0, *fields, buf, fwd)
+            return first
+        scatter(chain.writable, HDR.pack(*fields, buf, fwd))
+        return None

@@ -55,6 +55,7 @@ class Conn:
         self.fd = parked.sock.fileno()
         self.host_port = host_port
         self.guest_port = guest_port
+        self.key = (host_port, guest_port)  # the device's table key (fixed for life)
         self.buf_alloc = buf_alloc
         self.listener = listener
         self.state = CONNECTING
@@ -88,17 +89,17 @@ class Conn:
         self.polled = False
         self.scheduled = False
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.host_port, self.guest_port
-
     def credit(self) -> int:
         """Bytes the guest can take now."""
         window = min(self.peer_buf_alloc, MAX_WINDOW)
         return window - ((self.tx_cnt - self.peer_fwd_cnt) & _MASK32)
 
-    def sent_to_guest(self, payload: bytes) -> None:
-        self.unacked += payload
+    def sent_to_guest(self, payload: bytearray) -> None:
+        """``payload`` (a buffer no one else holds) went to the guest."""
+        if self.unacked:
+            self.unacked += payload
+        else:
+            self.unacked = payload  # the usual case: the guest consumed all before
         self.tx_cnt = (self.tx_cnt + len(payload)) & _MASK32
 
     def peer_credit(self, buf_alloc: int, fwd_cnt: int) -> None:
@@ -107,6 +108,14 @@ class Conn:
         self.peer_fwd_cnt = fwd_cnt
         consumed = len(self.unacked) - ((self.tx_cnt - fwd_cnt) & _MASK32)
         if consumed > 0:
+            if consumed == len(self.unacked) and not self.unanswered:
+                # All of it, as a request/response stream goes: move it, no copies.
+                if self.redrivable and consumed <= MAX_WINDOW:
+                    self.unanswered = self.unacked
+                elif self.redrivable:
+                    self.redrivable = False
+                self.unacked = bytearray()
+                return
             if self.redrivable:
                 self.unanswered += self.unacked[:consumed]
                 if len(self.unanswered) > MAX_WINDOW:
@@ -165,6 +174,24 @@ class Conn:
             self.to_guest += data
         else:
             self.tcp_eof = True
+        return True
+
+    def send_tcp(self, data: memoryview) -> bool:
+        """Guest data on an open stream (the guest may still send): straight to the
+        client when nothing is waiting before it, the rest buffered for EPOLLOUT.
+        False if the socket failed."""
+        if self.to_tcp or not data:
+            self.to_tcp += data
+            return self.flush_tcp()
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return False
+        self.fwd_cnt = (self.fwd_cnt + sent) & _MASK32  # nothing carried: to_tcp was empty
+        if sent < len(data):
+            self.to_tcp += data[sent:]
         return True
 
     def flush_tcp(self) -> bool:
