@@ -628,3 +628,17 @@ def test_dma_window_confines_rings_and_buffers(null):
     assert_dropped_then_working(null, vq, 0)
     with pytest.raises(MemoryAccessError):
         null.transport.set_dma_window(half, MEM_SIZE)
+
+
+def test_device_can_ask_for_no_kicks_and_sees_what_came_without_one(null):
+    vq, _ = null.start()
+    queue = null.transport.queues[0]
+    flags = lambda: struct.unpack("<H", null.mem.read(vq.used, 2))[0]  # noqa: E731
+    assert not queue.notifications(False) and flags() == q.VIRTQ_USED_F_NO_NOTIFY
+    assert not queue.notifications(True) and flags() == 0  # nothing was added meanwhile
+    queue.notifications(False)
+    vq.post([4], kick=False)  # the driver honours the hint
+    assert queue.notifications(True) and flags() == 0  # the device must look again
+    queue.disable()
+    null.mem.write(vq.used, struct.pack("<H", 7))
+    assert not queue.notifications(False) and flags() == 7  # no ring, no write

@@ -31,6 +31,7 @@ VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
 VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
 
 MAX_QUEUE_SIZE = 32768  # the split-ring limit
 MAX_CHAIN_BYTES = 64 << 20  # larger than any sane request; bounds host work per chain
@@ -218,6 +219,21 @@ class Virtqueue:
         if avail is None:
             return False
         return not _U16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def notifications(self, on: bool) -> bool:
+        """Ask the driver to notify (kick) when it adds buffers, or not to
+        (VIRTQ_USED_F_NO_NOTIFY, a hint: a device polling the ring meanwhile saves the
+        driver its kicks). Turning them back on returns whether buffers were added
+        since the last ``pop``: those may have come without a kick."""
+        with self._lock:
+            word = self._used_idx_word  # used.flags is its first u16
+            if word is None:
+                return False
+            word[0] = 0 if on else VIRTQ_USED_F_NO_NOTIFY
+            if not on:
+                return False
+            full_fence()  # the flag visible before we read avail.idx (the driver: the reverse)
+            return _U16.unpack_from(self._avail, 2)[0] != self._last_avail
 
     def note_error(self, message: str) -> None:
         self.errors += 1

@@ -246,6 +246,10 @@ class VirtioVsock(VirtioBackend):
         transport = self.transport
         self._timeout = -1.0
         if transport is not None:
+            # No tx kicks while this pass runs: the driver's packets are taken below,
+            # and what it adds after that is seen when kicks are back on.
+            tx = transport.queues[TX]
+            tx.notifications(False)
             for listener in self._listeners:
                 if listener.pending:
                     self._accept(listener, now)
@@ -253,6 +257,8 @@ class VirtioVsock(VirtioBackend):
         self._timers(now)
         if self.transport is not None:
             self._fill_rx(transport)
+        if self.transport is not None and tx.notifications(True):
+            self._wait_until(0)  # added without a kick: another pass at once
         self._update_interest()
 
     def _socket_event(self, conn: Conn, mask: int) -> None:
