@@ -11,7 +11,9 @@ against it and reads, over the timed window only:
   (thread CPU time around each exit handler, by exit kind and device register);
 - interrupts sent per device (the transport's count), queue notifications (kicks)
   the vsock device received, and packets each way (used-ring indexes, sampled);
-- with ``--syscalls``, a second window under `perf trace -s`: syscalls per request
+- with ``--load kvload`` the load is examples/kvload.py's 8 closed-loop clients
+  (latency-bound: what the p99 goal is about) instead of wrk GET's 16 connections;
+- with ``--syscalls`` (wrk only), a second window under `perf trace -s`: syscalls per request
   of the vsock thread (host TCP, epoll, eventfd). perf slows the traced threads, so
   this window gives counts, not times.
 
@@ -19,10 +21,11 @@ Only the benchmark's child instruments the node (wrappers around exit handlers a
 the device's ``notify``), so the product code carries no counters for it. A tree
 older than this file works as well: ``--trees base=/path/to/checkout,new=.`` runs each
 tree's pyvmm and guest kernels, alternated round by round by the harness, with the
-paired ratios of every metric (the last tree over the first).
+paired ratios of every metric (each tree over the first); ``new=.?poll_us=50`` adds
+words to webkv's command line.
 
     python benchmarks/webkv_breakdown.py [--trees NAME=PATH,...] [--seconds 3]
-        [--connections 16] [--rounds 5] [--syscalls] [--pin]
+        [--connections 16] [--load wrk|kvload] [--rounds 5] [--syscalls] [--pin]
 """
 
 from __future__ import annotations
@@ -185,8 +188,36 @@ def put_key(port: int, path: str, value: bytes) -> None:
         raise SystemExit(f"PUT {path}: HTTP {status}")
 
 
-def child(tree: Path, seconds: float, connections: int, syscalls: bool) -> dict:
+def kvload_window(port: int, seconds: float, snap) -> tuple[dict, dict, dict]:
+    """examples/kvload.py's 8 closed-loop clients (latency-bound, unlike wrk's 16
+    pipelining connections): the requests that ended inside the timed window."""
+    from kvload import KvLoad
+
+    load = KvLoad(port, 8).start()
+    load.wait_started()
+    time.sleep(0.5)
+    before = snap()
+    time.sleep(seconds)
+    after = snap()
+    load.stop()
+    inside = sorted(
+        (x.end - x.start) * 1000 for x in load.samples if before["wall"] <= x.end <= after["wall"]
+    )
+    result = {
+        "requests": len(inside),
+        "requests_per_s": round(len(inside) / (after["wall"] - before["wall"]), 1),
+        "p50_ms": round(harness.quantile(inside, 0.5), 3),
+        "p99_ms": round(harness.quantile(inside, 0.99), 3),
+        "failures": len(load.failures),
+    }
+    return result, before, after
+
+
+def child(
+    tree: Path, seconds: float, connections: int, syscalls: bool, load: str, cmdline: str
+) -> dict:
     sys.path.insert(0, str(tree))
+    sys.path.insert(0, str(ROOT / "examples"))
     from webkv import free_port, wait_for_port, wrk
 
     from pyvmm.machine import Machine, RunResult
@@ -212,7 +243,7 @@ def child(tree: Path, seconds: float, connections: int, syscalls: bool) -> dict:
         meter = ExitMeter(machine, windows)
         vsock_transport = machine.devices["vsock0"].device
         blk_transport = machine.devices["blk0"].device
-        machine.boot(str(kernel), "console=ttyS0")
+        machine.boot(str(kernel), f"console=ttyS0 {cmdline}".strip())
         vcpu = threading.Thread(target=machine.run, args=(600,), daemon=True)
         vcpu.start()
         sampler = UsedSampler(vsock_transport.queues[:2])
@@ -241,11 +272,14 @@ def child(tree: Path, seconds: float, connections: int, syscalls: bool) -> dict:
                     "wall": time.monotonic(),
                 }
 
-            before = snap()
-            result = wrk(port, "/kv/bench1", seconds, connections, None)
-            after = snap()
+            if load == "kvload":
+                result, before, after = kvload_window(port, seconds, snap)
+            else:
+                before = snap()
+                result = wrk(port, "/kv/bench1", seconds, connections, None)
+                after = snap()
             traced = None
-            if syscalls:
+            if syscalls and load == "wrk":
                 tracer = perf_trace(os.getpid(), seconds)
                 time.sleep(0.5)  # perf attaches to every thread
                 traced_run = wrk(port, "/kv/bench1", seconds - 0.5 or 1, connections, None)
@@ -274,7 +308,9 @@ def per_request(raw: dict) -> dict[str, float]:
     requests = raw["wrk"]["requests"]
     before, after = raw["before"], raw["after"]
     wall = after["wall"] - before["wall"]
-    out: dict[str, float] = {"get_requests_per_s": raw["wrk"]["requests_per_s"]}
+    out: dict[str, float] = {"requests_per_s": raw["wrk"]["requests_per_s"]}
+    out.update({k: raw["wrk"][k] for k in ("p50_ms", "p99_ms")})
+    out["failed_requests"] = raw["wrk"].get("failures", raw["wrk"].get("non_2xx", 0))
 
     def per(value: float, scale: float = 1.0) -> float:
         return round(value * scale / requests, 3) if requests else 0.0
@@ -331,10 +367,12 @@ def detail(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(harness.quantile([run.get(k, 0.0) for run in runs], 0.5), 3) for k in keys}
 
 
-def run_child(tree: Path, args: argparse.Namespace, pinning: harness.Pinning) -> dict:
+def run_child(tree: Path, cmdline: str, args: argparse.Namespace, pinning: harness.Pinning) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
     command = [sys.executable, str(HERE / "webkv_breakdown.py"), "--child", str(tree)]
+    command += ["--cmdline", cmdline]
     command += ["--seconds", str(args.seconds), "--connections", str(args.connections)]
+    command += ["--load", args.load]
     if args.syscalls:
         command.append("--syscalls")
     done = subprocess.run(
@@ -355,7 +393,8 @@ def run_child(tree: Path, args: argparse.Namespace, pinning: harness.Pinning) ->
 
 # The metrics the harness pairs (never 0); every other figure goes to "detail".
 CORE = (
-    "get_requests_per_s",
+    "requests_per_s",
+    "p99_ms",
     "process_cpu_us",
     "vcpu_cpu_us",
     "exit_python_us",
@@ -368,7 +407,7 @@ CORE = (
     "packets_from_guest",
 )
 SHOWN = (
-    "get_requests_per_s",
+    "requests_per_s",
     "process_cpu_us",
     "vcpu_cpu_us",
     "vcpu_guest_us",
@@ -377,6 +416,7 @@ SHOWN = (
     "notify_cpu_us",
     "vsock_us_per_packet",
     "vsock_interrupts",
+    "p99_ms",
     "vsock_kicks_tx",
     "vsock_kicks_rx",
     "exits",
@@ -386,15 +426,25 @@ SHOWN = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--trees", default=f"this={ROOT}", help="NAME=PATH,... (last: measured)")
+    parser.add_argument("--cmdline", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--trees",
+        default=f"this={ROOT}",
+        help="NAME=PATH[?WORD&WORD],... (the words go on webkv's command line; the first "
+        "tree is the baseline of the ratios)",
+    )
     parser.add_argument("--seconds", type=float, default=3)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--load", choices=("wrk", "kvload"), default="wrk")
     parser.add_argument("--syscalls", action="store_true", help="a perf trace window too")
     parser.add_argument("--aa", default=None, help="A/A: this tree against itself")
     harness.add_arguments(parser, harness.Plan(min_rounds=5, max_rounds=5, time_cap_s=900))
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.seconds, args.connections, args.syscalls)))
+        raw = child(
+            args.child, args.seconds, args.connections, args.syscalls, args.load, args.cmdline
+        )
+        print(json.dumps(raw))
         return
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
@@ -406,7 +456,8 @@ def main() -> None:
 
     def runner(name: str):
         def once() -> dict[str, float]:
-            raw = run_child(Path(trees[name]).resolve(), args, conditions.pinning)
+            path, _, words = trees[name].partition("?")
+            raw = run_child(Path(path).resolve(), words.replace("&", " "), args, conditions.pinning)
             figures = per_request(raw)
             raws[name].append(figures)
             return {k: figures[k] for k in CORE if k in figures}
@@ -414,30 +465,33 @@ def main() -> None:
         return once
 
     configs = {name: runner(name) for name in trees}
-    first, last = next(iter(trees)), list(trees)[-1]
+    first = next(iter(trees))
     rounds, baseline = harness.compare(args, configs, first, "webkv_breakdown")
     out = rounds.to_json()
     result = {
         "benchmark": "webkv_breakdown",
         "seconds": args.seconds,
         "connections": args.connections,
+        "load": args.load,
         "trees": trees,
         **out,
         "detail": {name: detail(figures) for name, figures in raws.items()},
         **conditions.to_json(),
     }
-    line = "webkv_breakdown (GET, per request, median): " + "; ".join(
+    line = f"webkv_breakdown ({args.load}, per request, median): " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {m[k]:g}" for k in SHOWN if k in m)
         for name, m in result["detail"].items()
     )
-    if last != baseline and last in out["ratios"]:
-        r = out["ratios"][last]
-        line += f"; {last}/{baseline}: " + ", ".join(
+    for name, r in out["ratios"].items():
+        line += f"; {name}/{baseline}: " + ", ".join(
             f"{k} {r[k]['ratio']:.3f} [{r[k]['ci95'][0]:.3f}, {r[k]['ci95'][1]:.3f}]"
             for k in SHOWN
             if k in r and "ci95" in r[k]
         )
-    line += f"; load {result['machine_before'].get('loadavg')}"
+    line += (
+        f"; load {result['machine_before'].get('loadavg')} -> "
+        f"{result['machine_after'].get('loadavg')}"
+    )
     report(result, line)
 
 
