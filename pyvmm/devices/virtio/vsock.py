@@ -98,6 +98,12 @@ class VirtioVsock(VirtioBackend):
         self._listeners: dict[HostListener, int] = {}  # → current epoll mask
         self._control: deque[tuple[int, int, int]] = deque()  # (host port, guest port, op)
         self._scheduled: deque[Conn] = deque()
+        # Per pass, only some streams need looking at: those whose epoll interest may
+        # have changed (every change ends in _after, or in the stream's removal) and
+        # those with a timer or read by hand (connecting, hung up). Stale entries
+        # (streams removed meanwhile) are skipped and dropped there.
+        self._touched: dict[Conn, None] = {}
+        self._timed: dict[Conn, None] = {}
         self._next_port = FIRST_HOST_PORT
         self._timeout = -1.0
         self._closed = False
@@ -270,6 +276,7 @@ class VirtioVsock(VirtioBackend):
             # the rest of this socket (buffered data, then EOF) is read without epoll.
             self._epoll.unregister(conn.fd)
             conn.polled = False
+            self._timed[conn] = None
         if (mask & (select.EPOLLIN | select.EPOLLHUP) and not conn.read_tcp()) or (
             mask & select.EPOLLOUT and not conn.flush_tcp()
         ):
@@ -299,6 +306,8 @@ class VirtioVsock(VirtioBackend):
             self._by_fd[conn.fd] = conn
             self._epoll.register(conn.fd, 0)
             conn.polled = True
+            self._touched[conn] = None  # a reply carried over wants EPOLLOUT
+            self._timed[conn] = None
             self._schedule(conn)
 
     def _alloc_port(self) -> int:
@@ -317,6 +326,7 @@ class VirtioVsock(VirtioBackend):
         """Finish the stream if both directions are done, else schedule its packets."""
         if self._conns.get(conn.key) is not conn:
             return
+        self._touched[conn] = None
         if conn.guest_gone:
             if not conn.to_tcp:
                 self._remove(conn)
@@ -384,7 +394,10 @@ class VirtioVsock(VirtioBackend):
         self._scheduled.clear()
 
     def _timers(self, now: float) -> None:
-        for conn in list(self._conns.values()):
+        for conn in list(self._timed):
+            if self._conns.get(conn.key) is not conn or (conn.state != CONNECTING and conn.polled):
+                del self._timed[conn]
+                continue
             if conn.state == CONNECTING:
                 if now >= conn.deadline:
                     if self._may_retry(conn, now):
@@ -414,8 +427,9 @@ class VirtioVsock(VirtioBackend):
             self._timeout = delay
 
     def _update_interest(self) -> None:
-        for conn in self._conns.values():
-            if conn.polled:
+        touched, self._touched = self._touched, {}
+        for conn in touched:
+            if conn.polled and self._conns.get(conn.key) is conn:
                 mask = conn.epoll_mask()
                 if mask != conn.mask:
                     self._epoll.modify(conn.fd, mask)
