@@ -172,8 +172,6 @@ static void give_up(struct vblk *b)
 /* One set-up attempt if one is due; the next is scheduled if it fails. */
 static void recover_step(struct vblk *b, uint64_t now)
 {
-	uint64_t delay;
-
 	if (!b->recovering || now < b->retry_ns)
 		return;
 	b->tries++;
@@ -185,14 +183,11 @@ static void recover_step(struct vblk *b, uint64_t now)
 			(unsigned long)((uclock_ns() - b->recover_start_ns) / 1000000));
 		return;
 	}
-	if (b->tries >= VBLK_RESET_TRIES) {
+	if (b->tries >= VIRTIO_RESET_TRIES) {
 		give_up(b);
 		return;
 	}
-	delay = VBLK_RETRY_NS << (b->tries < 5 ? b->tries - 1 : 4);
-	if (delay > 1000000000ULL)
-		delay = 1000000000ULL;
-	b->retry_ns = now + delay;
+	b->retry_ns = now + virtio_retry_ns(b->tries);
 }
 
 /* Given up: the requests that waited end, one per call, with an I/O error. */
@@ -282,11 +277,11 @@ int vblk_interrupt(struct vblk *b)
 	return b->failed ? -1 : 0;
 }
 
-/* Sleep until an interrupt, with the timer at 10 Hz meanwhile (then back to what it
+/* Sleep until an interrupt, with the timer at VIRTIO_RETRY_HZ meanwhile (then back to what it
  * was), so that a request that never completes, or a retry, is not waited for forever. */
 static uint64_t wait_for_device(void)
 {
-	int64_t hz = sys_timer(10);
+	int64_t hz = sys_timer(VIRTIO_RETRY_HZ);
 	uint64_t m = sys_wait_interrupt();
 
 	sys_timer(hz);

@@ -14,10 +14,10 @@
  * when nothing completes for VBLK_TIMEOUT_NS while requests wait (a hung device).
  * Meanwhile vblk_submit queues, and vblk_complete returns nothing: the caller's
  * requests wait, they do not fail.  A try that finds the device still unusable is
- * repeated later (VBLK_RESET_TRIES, backing off to 1 s apart, ~25 s in all); after
+ * repeated later (virtio.h: every 50 ms, then every second, ~22 s in all); after
  * the last one the device is left FAILED and every waiting request completes with
- * VBLK_S_IOERR.  vblk_complete drives all of this (call it at least a few times a
- * second while vblk_inflight() or vblk_recovering()); console lines:
+ * VBLK_S_IOERR.  vblk_complete drives all of this: call it a few times a second
+ * while vblk_inflight(), VIRTIO_RETRY_HZ times while vblk_recovering(); console lines:
  *   vblk: device-reset why=<needs-reset|timeout> inflight=<n>
  *   vblk: reinitialised tries=<n> replayed=<n> ms=<n>
  *   vblk: error=reset-failed tries=<n> inflight=<n>
@@ -44,8 +44,6 @@
 #define VIRTIO_BLK_F_FLUSH	(1ULL << 9)
 #define VBLK_QUEUE		64
 #define VBLK_TIMEOUT_NS		5000000000ULL	/* no completion for this long: the device hangs */
-#define VBLK_RESET_TRIES	30
-#define VBLK_RETRY_NS		50000000ULL	/* first retry 50 ms later, then doubling up to 1 s */
 
 struct vblk_slot;
 

@@ -40,6 +40,21 @@
 #define VIRTIO_INT_USED		0x1
 #define VIRTIO_INT_CONFIG	0x2
 
+/*
+ * Setting a device up again after NEEDS_RESET (vblk, vsock): pyvmm starts a new
+ * back-end process in ~0.15-0.5 s, so a try that finds the device still unusable is
+ * repeated every 50 ms for 2 s, then every second, VIRTIO_RESET_TRIES in all (~22 s);
+ * then the driver gives up.  A failed try costs ~20 register exits.  A program
+ * sleeping meanwhile keeps a VIRTIO_RETRY_HZ timer on to be woken for the retries.
+ */
+#define VIRTIO_RESET_TRIES	60
+#define VIRTIO_RETRY_HZ		20
+/* When the try after `tries` failed ones is due, from now (ns). */
+static inline uint64_t virtio_retry_ns(unsigned tries)
+{
+	return tries < 40 ? 50000000ULL : 1000000000ULL;
+}
+
 /* errors (negative returns) */
 #define VIRTIO_E_NODEV		(-19)	/* nothing there / wrong magic, version or ID */
 #define VIRTIO_E_FEATURES	(-95)	/* FEATURES_OK refused, or VERSION_1 missing */

@@ -489,8 +489,6 @@ static int setup(struct vsock *vs);
 /* One set-up attempt if one is due (after NEEDS_RESET); the next is scheduled if it fails. */
 static void recover_step(struct vsock *vs, uint64_t now)
 {
-	uint64_t delay;
-
 	if (!vs->recovering || now < vs->retry_ns)
 		return;
 	vs->tries++;
@@ -501,17 +499,14 @@ static void recover_step(struct vsock *vs, uint64_t now)
 			(unsigned long)((uclock_ns() - vs->recover_start_ns) / 1000000));
 		return;
 	}
-	if (vs->tries >= VS_RESET_TRIES) {
+	if (vs->tries >= VIRTIO_RESET_TRIES) {
 		uprintf("vsock: error=reset-failed tries=%u\n", vs->tries);
 		virtio_failed(&vs->dev);
 		vs->recovering = 0;
 		vs->failed = 1;
 		return;
 	}
-	delay = VS_RETRY_NS << (vs->tries < 5 ? vs->tries - 1 : 4);
-	if (delay > 1000000000ULL)
-		delay = 1000000000ULL;
-	vs->retry_ns = now + delay;
+	vs->retry_ns = now + virtio_retry_ns(vs->tries);
 }
 
 int vs_poll(struct vsock *vs, uint64_t now)

@@ -31,8 +31,8 @@
  * through the reset callback) and counted in stats.conns_lost.  The listeners stay;
  * connections waiting in their backlogs are forgotten (the host re-sends or drops
  * them).  After NEEDS_RESET the device is set up again; a try that fails is
- * repeated (VS_RESET_TRIES, backing off to 1 s apart, ~25 s in all), while
- * vs_poll() is called, which it must be a few times a second while
+ * repeated (virtio.h: every 50 ms, then every second, ~22 s in all), while
+ * vs_poll() is called, which it must be VIRTIO_RETRY_HZ times a second while
  * vs->recovering; then the device is left FAILED (vs->failed).  Console lines:
  *   vsock: device-reset connections=<n>
  *   vsock: reinitialised tries=<n> ms=<n>
@@ -63,8 +63,6 @@
 #define VS_TX_SLOT_SIZE		(16u << 10)	/* header + payload */
 #define VS_CLOSE_TIMEOUT_NS	5000000000ULL
 #define VS_RST_QUEUE		256
-#define VS_RESET_TRIES		30
-#define VS_RETRY_NS		50000000ULL	/* first retry 50 ms later, then doubling up to 1 s */
 
 #define VSOCK_OP_REQUEST	1
 #define VSOCK_OP_RESPONSE	2

@@ -21,7 +21,7 @@ uint64_t pending_irqs;			/* IRQ bits seen but not yet handled */
 
 static int releasing;
 static uint64_t release_deadline, release_start;
-static int timer_on;
+static unsigned timer_on;		/* its rate (Hz), 0: off */
 static uint64_t timer_idle_since, last_tick;
 /* After work, poll the vsock rx ring this long before sleeping (poll_us=): under load
  * the next request usually comes sooner than waking costs (a system call and an
@@ -217,16 +217,17 @@ int do_acquire(char *reply, size_t size)
 
 static void timers(void)
 {
-	/* Also while a disk request is outstanding or a device is being set up again:
-	 * the drivers' time-outs and retries run from the loop. */
-	int need = http_busy() || vs.timed || releasing || wal_in_flight() || vs.recovering ||
-		   vblk_recovering(&disk);
+	/* Also while a disk request is outstanding (the disk driver's time-out), and
+	 * faster while a device is being set up again (the drivers' retries). */
+	int recovering = vs.recovering || vblk_recovering(&disk);
+	int need = http_busy() || vs.timed || releasing || wal_in_flight() || recovering;
+	unsigned hz = recovering ? VIRTIO_RETRY_HZ : TIMER_HZ;
 
 	if (need) {
 		timer_idle_since = 0;
-		if (!timer_on) {
-			sys_timer(TIMER_HZ);
-			timer_on = 1;
+		if (timer_on != hz) {
+			sys_timer(hz);
+			timer_on = hz;
 		}
 	} else if (timer_on) {
 		if (!timer_idle_since)
