@@ -27,8 +27,9 @@ and the VMM forwards the same socket to the next process. Control ops (all reply
   that device, if given); ``close`` {listener} (waiting connections are closed);
 - ``reset`` {device}; ``quiesce`` {device, within (seconds)} → {idle};
 - ``status`` (generic) adds {listeners: {ID: {address, guest_port, device,
-  parked}}, vsock: {name: {connections, refused, dropped, redriven, packets: [rx,
-  tx, event], queue_errors: [rx, tx, event]}}}.
+  parked, replay_bytes: [per parked connection]}}, vsock: {name: {connections,
+  refused, dropped, redriven, packets: [rx, tx, event], queue_errors: [rx, tx,
+  event], unanswered: [bytes per stream]}}}.
 
 A counters page (``counters`` {} + a memfd of ``COUNTERS_SIZE`` bytes) gets, every
 ``COUNTERS_PERIOD_S``, the streams each front-end holds and the connections parked
@@ -103,6 +104,12 @@ class RingVsock(VirtioVsock):
 
     def hand_back(self, timeout: float) -> bool:
         return VirtioVsock.quiesce(self, timeout)
+
+    def unanswered(self) -> list[int]:
+        """Per stream, the bytes the guest consumed and has not answered yet (what a
+        quiesce would re-drive)."""
+        with self._lock:
+            return [len(conn.unanswered) for conn in self._conns.values()]
 
 
 def _int(request: dict[str, object], key: str, default: int | None = None) -> int:
@@ -255,6 +262,7 @@ class VsockType(DeviceType):
                 "guest_port": listener.guest_port,
                 "device": names.get(id(listener.device)),
                 "parked": len(listener.pending),
+                "replay_bytes": [len(parked.replay) for parked in list(listener.pending)],
             }
             for ident, listener in self.listeners.items()
         }
@@ -266,6 +274,7 @@ class VsockType(DeviceType):
                 "redriven": model.redriven,  # type: ignore[attr-defined]
                 "packets": list(model.packets),  # type: ignore[attr-defined]
                 "queue_errors": model.queue_errors(),  # type: ignore[attr-defined]
+                "unanswered": model.unanswered(),  # type: ignore[attr-defined]
             }
             for name, model in self.models.items()
         }
