@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import struct
 import threading
@@ -1034,3 +1035,32 @@ def test_quiesce_with_the_listener_closed_closes_the_streams(nodes):
     assert idle.recv(10) == b""  # an idle connection ends in order
     with pytest.raises(ConnectionResetError):  # one cut short mid-exchange is reset
         busy.recv(10)
+
+
+# --- the back-end process dies ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nodes", ["process"], indirect=True)
+def test_a_dead_back_end_is_replaced_with_its_listeners_and_counts_what_it_took(nodes):
+    a, _, b, gb, listener = two_services(nodes)
+    old = client(listener)
+    old.sendall(b"x")
+    assert recv_exactly(old, 1) == b"x"
+    time.sleep(0.3)  # the back-end's counters page has seen the stream
+    process = a.device.vsock_process
+    os.kill(process.pid, signal.SIGKILL)
+    listener.attach(b.device)  # a move while no process serves: the next one makes it
+    waiting = client(listener)  # not refused: it waits in the VMM's listen queue
+    waiting.sendall(b"wait")
+    until(lambda: process.restarts == 1 and process.alive and not b.device.error)
+    try:
+        assert old.recv(10) == b""  # the stream went with the process
+    except ConnectionResetError:
+        pass
+    assert a.device.lost_connections == 1 and b.device.lost_connections == 0
+    assert a.drv.needs_reset() and b.drv.needs_reset()
+    gb.stop()
+    b.guest_kw = {"listening": {PORT: "echo"}}
+    b.boot()  # B's driver resets the device and sets it up again, on the new process
+    assert recv_exactly(waiting, 4) == b"wait"
+    assert listener.status()["device"] == b.device.name

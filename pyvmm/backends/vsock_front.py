@@ -234,7 +234,8 @@ class RemoteListener:
         self.retry_refused = retry_refused
         self.sock = listening_socket(host_addr, host_port)
         self.device: ProcessVsock | None = None
-        self.ident = 0  # the back-end's name for it
+        self.ident = 0  # the back-end's name for it, in process ``_child``
+        self._child: object | None = None
         self._lock = threading.Lock()  # serialises attach/detach/restore
         self._closed = False
         try:
@@ -258,6 +259,13 @@ class RemoteListener:
             retry_refused=self.retry_refused,
         )
         self.ident = int(reply["listener"])  # type: ignore[arg-type]
+        self._child = self.process.child
+
+    def _request(self, op: str, **fields: object) -> None:
+        """An op on this listener in the back-end. Skipped while a new process has not
+        been given it yet (``restore`` will, with the device as it then is)."""
+        if self._child is self.process.child:
+            self.process.request(op, listener=self.ident, **fields)
 
     def attach(self, device: ProcessVsock) -> None:
         """Forward to ``device`` from now on (from wherever it was). If the back-end
@@ -269,7 +277,7 @@ class RemoteListener:
                 raise ValueError("the listener is closed")
             previous, self.device = self.device, device
             try:
-                self.process.request("attach", listener=self.ident, device=device.name)
+                self._request("attach", device=device.name)
             except BackendError:
                 if self.process.alive and not self.process.error:
                     self.device = previous  # refused by a live process: nothing moved
@@ -284,7 +292,7 @@ class RemoteListener:
                 return
             self.device = None  # a dead process forwards nothing; its successor is told
             try:
-                self.process.request("detach", listener=self.ident)
+                self._request("detach")
             except BackendError as exc:
                 log(WARNING, "listener %s: %s", self.address, exc)
 
@@ -305,7 +313,7 @@ class RemoteListener:
             self.device = None
             if self.process.alive and not self.process._closed:
                 try:
-                    self.process.request("close", listener=self.ident)
+                    self._request("close")
                 except BackendError as exc:
                     log(WARNING, "listener %s: %s", self.address, exc)
             with self.process._listeners_lock:
