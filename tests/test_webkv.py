@@ -524,3 +524,27 @@ def test_a_vsock_device_reset_costs_only_the_open_connections(kernels, disk, tmp
     assert open_streams <= 9 and len(load.failures) <= min(8, open_streams), load.failures
     assert load.reconnects == len(load.failures)
     assert load.writes > 50 and load.lost_on_disk(str(disk)) == []
+
+
+def test_a_standby_whose_disk_back_end_died_acquires_at_once(kernels, disk, tmp_path):
+    """A standby keeps the disk device it followed the log through set up; when the
+    back-end dies meanwhile, the NEEDS_RESET starts the driver's re-initialisation at
+    once, so acquire does not wait out the driver's 5 s time-out."""
+    agent_port, control = free_port(), str(tmp_path / "node.sock")
+    extra = ["--forward", f"127.0.0.1:{agent_port}=7000", "--control", control]
+    service = WebKv(kernels, disk, "v1", "process", *extra, "--cmdline", "role=standby")
+    try:
+        status = control_request(control, {"op": "status"})["result"]
+        os.kill(status["device_backends"]["blk0"]["pid"], signal.SIGKILL)
+        service.guest.expect(r"vblk: device-reset why=needs-reset inflight=0\n", 10)
+        with socket.create_connection(("127.0.0.1", agent_port), timeout=10) as agent:
+            began = time.monotonic()
+            agent.sendall(b"acquire\n")
+            assert agent.makefile().readline() == "serving keys=0\n"
+            took = time.monotonic() - began
+        service.guest.expect(r"vblk: reinitialised tries=\d+ replayed=\d+ ms=\d+\n", 1)
+        assert service.request("PUT", "/kv/k", b"v")[0] == 201
+    finally:
+        service.stop()
+    print(f"acquire took {took:.3f} s")
+    assert took < 4.0  # the new back-end's start, not the 5 s time-out

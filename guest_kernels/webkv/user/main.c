@@ -253,7 +253,7 @@ static void handle_irqs(void)
 		return;
 	if ((irqs >> vs.dev.irq) & 1)
 		vs_interrupt(&vs);
-	if (wal_is_open() && ((irqs >> disk.dev.irq) & 1))
+	if ((irqs >> disk.dev.irq) & 1)
 		wal_interrupt();
 }
 

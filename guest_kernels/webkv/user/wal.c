@@ -685,9 +685,12 @@ int wal_arm(void) { return is_open ? vblk_arm(&disk) : 0; }
 int wal_in_flight(void) { return is_open && state != W_IDLE; }
 void wal_disarm(void) { if (is_open) vblk_disarm(&disk); }
 
+/* Also while the log is not mounted but the device is set up (a standby that
+ * followed the log): a NEEDS_RESET then starts the driver's re-initialisation,
+ * which the next request (acquire's) finishes, instead of that request waiting
+ * out the driver's time-out.  After a release the device is not touched (ready 0). */
 void wal_interrupt(void)
 {
-	if (is_open && vblk_interrupt(&disk) < 0)
+	if (disk.ready && vblk_interrupt(&disk) < 0 && is_open)
 		fail_all("device-reset");
 }
-
