@@ -4,7 +4,8 @@
  *   user-exit-rep:N  exit(N) from CPL3 with a string OUT (rep outsb) to the
  *                debug-exit port: KVM completes it in its instruction emulator
  *   user-fault   read an unmapped address: CRASH ... cpl=3, exit 3
- *   clock        11 clock_ns lines 100 ms apart (busy-waiting on the clock)
+ *   clock        steps=+1 clock_ns lines 100 ms apart (steps= default 10;
+ *                busy-waiting on the clock)
  *   timer        LAPIC timer at hz= (default 100), wait_interrupt until 1 s passed
  *   syscall      1000 null syscalls, cycles per call
  *   user-map     SYS_map: the IOAPIC window (read its version register at CPL3),
@@ -51,9 +52,9 @@ static int parse_u8(const char *s)
 
 static int clock_lines(void)
 {
-	uint64_t t0 = sys_clock_ns();
+	uint64_t steps = uarg_u64("steps", 10), t0 = sys_clock_ns();
 
-	for (int i = 0; i <= 10; i++) {
+	for (uint64_t i = 0; i <= steps; i++) {
 		uint64_t due = t0 + i * 100000000UL;
 		while (uclock_ns() < due)
 			;
