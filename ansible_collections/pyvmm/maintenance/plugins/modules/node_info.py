@@ -15,27 +15,12 @@ description:
   - The status holds the microvisor's mode, every instance (partition, devices, the
     kernel's SHA-256 and its command line), switch and exit counters; the repository's
     docs/status.md describes each field.
-  - The module runs on the node and uses the control client of the pyvmm installed in
-    the node's Python (C(ansible_python_interpreter)).
-options:
-  control_socket:
-    description:
-      - Path of the node's control socket (C(pyvmm boot --control PATH)).
-    type: path
-    required: true
-requirements:
-  - pyvmm installed in the node's Python
 attributes:
   check_mode:
     support: full
     description: Reads only, in check mode as otherwise.
-  diff_mode:
-    support: none
-    description: No diff.
-  platform:
-    support: full
-    platforms: posix
-    description: A Linux host running a pyvmm node.
+extends_documentation_fragment:
+  - pyvmm.maintenance.node
 author:
   - pyvmm maintainers (@pyvmm)
 """

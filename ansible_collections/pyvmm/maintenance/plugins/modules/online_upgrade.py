@@ -23,14 +23,7 @@ description:
   - An upgrade that rolls back (the node serves on with its old instance) is a task
     failure carrying the upgrade report, so C(max_fail_percentage) and
     C(any_errors_fatal) act on it.
-  - The module runs on the node and uses the control client of the pyvmm installed in
-    the node's Python (C(ansible_python_interpreter)).
 options:
-  control_socket:
-    description:
-      - Path of the node's control socket (C(pyvmm boot --control PATH)).
-    type: path
-    required: true
   kernel:
     description:
       - Absolute path, on the node, of the PVH kernel image to upgrade to.
@@ -73,8 +66,6 @@ options:
       - A fault to inject, for tests and demonstrations of the rollback.
     type: str
     choices: [boot-fails, crash-after-ready, never-serving, release-refused, phase-timeout]
-requirements:
-  - pyvmm installed in the node's Python
 attributes:
   action:
     support: full
@@ -82,13 +73,8 @@ attributes:
   check_mode:
     support: full
     description: Runs the node's preflight only.
-  diff_mode:
-    support: none
-    description: No diff.
-  platform:
-    support: full
-    platforms: posix
-    description: A Linux host running a pyvmm node.
+extends_documentation_fragment:
+  - pyvmm.maintenance.node
 author:
   - pyvmm maintainers (@pyvmm)
 """
