@@ -22,7 +22,10 @@ the device's ``notify``), so the product code carries no counters for it. A tree
 older than this file works as well: ``--trees base=/path/to/checkout,new=.`` runs each
 tree's pyvmm and guest kernels, alternated round by round by the harness, with the
 paired ratios of every metric (each tree over the first); ``new=.?poll_us=50`` adds
-words to webkv's command line.
+words to webkv's command line, ``proc=.@process`` serves the devices from back-end
+processes (``--device-backends process``): their CPU time counts as one figure per
+process (``vsock``, ``blk``), interrupts and kicks are the back-ends' own counts, and
+the VMM's exits are measured as before.
 
     python benchmarks/webkv_breakdown.py [--trees NAME=PATH,...] [--seconds 3]
         [--connections 16] [--load wrk|kvload] [--rounds 5] [--syscalls] [--pin]
@@ -73,20 +76,25 @@ def thread_cpu(tid: int) -> dict[str, float]:
 
 
 class UsedSampler:
-    """Packets each way: the vsock rx and tx used indexes (16 bits, so sampled often
-    enough not to wrap), summed up from a thread that wakes 20 times a second."""
+    """Packets each way: the vsock rx and tx used indexes as guest RAM holds them
+    (whoever serves the rings; 16 bits, so sampled often enough not to wrap), summed
+    up from a thread that wakes 20 times a second."""
 
-    def __init__(self, queues) -> None:
+    def __init__(self, memory, queues) -> None:
+        self.memory = memory
         self.queues = queues
-        self.last = [q._used_idx for q in queues]
+        self.last = [self._used_idx(q) for q in queues]
         self.total = [0] * len(queues)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
+    def _used_idx(self, queue) -> int:
+        return int.from_bytes(self.memory.read(queue.device_addr + 2, 2), "little")
+
     def sample(self) -> list[int]:
         for i, q in enumerate(self.queues):
-            now = q._used_idx
+            now = self._used_idx(q)
             self.total[i] += (now - self.last[i]) & 0xFFFF
             self.last[i] = now
         return list(self.total)
@@ -213,8 +221,30 @@ def kvload_window(port: int, seconds: float, snap) -> tuple[dict, dict, dict]:
     return result, before, after
 
 
+def process_cpu_ns(pid: int) -> int:
+    """On-CPU ns of every thread of another process (schedstat)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total
+
+
 def child(
-    tree: Path, seconds: float, connections: int, syscalls: bool, load: str, cmdline: str
+    tree: Path,
+    seconds: float,
+    connections: int,
+    syscalls: bool,
+    load: str,
+    cmdline: str,
+    backends: str = "thread",
 ) -> dict:
     sys.path.insert(0, str(tree))
     sys.path.insert(0, str(ROOT / "examples"))
@@ -234,39 +264,63 @@ def child(
             f.truncate(64 << 20)
         port = free_port()
         services = add_service_devices(
-            machine, str(disk), (parse_forward(f"127.0.0.1:{port}=80"),), "thread"
+            machine, str(disk), (parse_forward(f"127.0.0.1:{port}=80"),), backends
         )
         vsock = services.vsocks[0]
         blk = services.disks[0]
         windows = {base: name.rstrip("0123456789") for name, (base, _) in machine.virtio.items()}
-        notifies = count_notifies(vsock)
+        in_process = backends == "process"
+        notifies = {} if in_process else count_notifies(vsock)
         meter = ExitMeter(machine, windows)
         vsock_transport = machine.devices["vsock0"].device
         blk_transport = machine.devices["blk0"].device
         machine.boot(str(kernel), f"console=ttyS0 {cmdline}".strip())
         vcpu = threading.Thread(target=machine.run, args=(600,), daemon=True)
         vcpu.start()
-        sampler = UsedSampler(vsock_transport.queues[:2])
+        sampler = None
         try:
             wait_for_port(port)
             put_key(port, "/kv/bench1", b"value-1")
+            sampler = UsedSampler(machine.memory, vsock_transport.queues[:2])
             wrk(port, "/kv/bench1", 1, connections, None)  # warm-up
+            poller = machine._notify_poller
             tids = {
                 "vcpu": vcpu.native_id,
-                "vsock": vsock._thread.native_id,
-                "notify": machine._notify_poller._thread.native_id,
-                "blk": blk._thread.native_id if blk._thread else None,
+                "notify": poller._thread.native_id if poller else None,
             }
+            pids = {}
+            if in_process:  # the back-end processes' threads, as one figure each
+                pids = {"vsock": vsock.describe()["pid"], "blk": blk.describe()["pid"]}
+            else:
+                tids["vsock"] = vsock._thread.native_id
+                tids["blk"] = blk._thread.native_id if blk._thread else None
 
-            def snap() -> dict:
-                return {
-                    "threads": {k: thread_cpu(t) for k, t in tids.items() if t},
-                    "process_cpu_s": sum(os.times()[:2]),
-                    "interrupts": {
+            def device_counts() -> tuple[dict, dict]:
+                """Interrupts per device and kicks per vsock queue."""
+                if not in_process:
+                    interrupts = {
                         "vsock": vsock_transport.interrupts,
                         "blk": blk_transport.interrupts,
-                    },
-                    "notifies": dict(notifies),
+                    }
+                    return interrupts, dict(notifies)
+                rings = vsock.process.status()["devices"]["vsock0"]["rings"]
+                blk_rings = blk.process.status()["devices"]["blk0"]["rings"]
+                interrupts = {
+                    "vsock": sum(r["calls"] for r in rings),
+                    "blk": sum(r["calls"] for r in blk_rings),
+                }
+                return interrupts, {i: r["kicks"] for i, r in enumerate(rings)}
+
+            def snap() -> dict:
+                interrupts, kicks = device_counts()
+                threads = {k: thread_cpu(t) for k, t in tids.items() if t}
+                for name, pid in pids.items():  # the same shape as a thread's
+                    threads[name] = {"on_cpu_ns": process_cpu_ns(pid)}
+                return {
+                    "threads": threads,
+                    "process_cpu_s": sum(os.times()[:2]),
+                    "interrupts": interrupts,
+                    "notifies": kicks,
                     "exits": meter.snapshot(),
                     "packets": sampler.sample(),
                     "wall": time.monotonic(),
@@ -293,7 +347,8 @@ def child(
                     },
                 }
         finally:
-            sampler.close()
+            if sampler is not None:
+                sampler.close()
             machine.stop(RunResult("stopped", 0, "benchmark over"))
             vcpu.join(10)
             services.close()
@@ -367,10 +422,12 @@ def detail(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(harness.quantile([run.get(k, 0.0) for run in runs], 0.5), 3) for k in keys}
 
 
-def run_child(tree: Path, cmdline: str, args: argparse.Namespace, pinning: harness.Pinning) -> dict:
+def run_child(
+    tree: Path, cmdline: str, backends: str, args: argparse.Namespace, pinning: harness.Pinning
+) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
     command = [sys.executable, str(HERE / "webkv_breakdown.py"), "--child", str(tree)]
-    command += ["--cmdline", cmdline]
+    command += ["--cmdline", cmdline, "--backends", backends]
     command += ["--seconds", str(args.seconds), "--connections", str(args.connections)]
     command += ["--load", args.load]
     if args.syscalls:
@@ -427,11 +484,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cmdline", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--backends", default="thread", help=argparse.SUPPRESS)
     parser.add_argument(
         "--trees",
         default=f"this={ROOT}",
-        help="NAME=PATH[?WORD&WORD],... (the words go on webkv's command line; the first "
-        "tree is the baseline of the ratios)",
+        help="NAME=PATH[?WORD&WORD][@process],... (the words go on webkv's command line; "
+        "@process: device back-ends in processes; the first is the baseline of the ratios)",
     )
     parser.add_argument("--seconds", type=float, default=3)
     parser.add_argument("--connections", type=int, default=16)
@@ -442,7 +500,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         raw = child(
-            args.child, args.seconds, args.connections, args.syscalls, args.load, args.cmdline
+            args.child,
+            args.seconds,
+            args.connections,
+            args.syscalls,
+            args.load,
+            args.cmdline,
+            args.backends,
         )
         print(json.dumps(raw))
         return
@@ -456,8 +520,12 @@ def main() -> None:
 
     def runner(name: str):
         def once() -> dict[str, float]:
-            path, _, words = trees[name].partition("?")
-            raw = run_child(Path(path).resolve(), words.replace("&", " "), args, conditions.pinning)
+            spec, _, backends = trees[name].partition("@")
+            path, _, words = spec.partition("?")
+            cmdline = words.replace("&", " ")
+            raw = run_child(
+                Path(path).resolve(), cmdline, backends or "thread", args, conditions.pinning
+            )
             figures = per_request(raw)
             raws[name].append(figures)
             return {k: figures[k] for k in CORE if k in figures}
