@@ -79,6 +79,7 @@ class Conn:
         self.rx_cnt = 0
         self.fwd_cnt = 0
         self.adv_fwd_cnt = 0  # fwd_cnt as last told to the guest
+        self.credit_threshold = min(buf_alloc // 4, 64 << 10)  # freed bytes worth telling
         self.credit_requested = False
         self.guest_shut_send = False
         self.guest_shut_rcv = False
@@ -91,7 +92,9 @@ class Conn:
 
     def credit(self) -> int:
         """Bytes the guest can take now."""
-        window = min(self.peer_buf_alloc, MAX_WINDOW)
+        window = self.peer_buf_alloc
+        if window > MAX_WINDOW:
+            window = MAX_WINDOW
         return window - ((self.tx_cnt - self.peer_fwd_cnt) & _MASK32)
 
     def sent_to_guest(self, payload: bytearray) -> None:
@@ -219,7 +222,7 @@ class Conn:
         freed = (self.fwd_cnt - self.adv_fwd_cnt) & _MASK32
         # A guest out of credit has buf_alloc bytes outstanding, so this always fires
         # before it could stall.
-        return self.credit_requested or freed >= min(self.buf_alloc // 4, 64 << 10)
+        return self.credit_requested or freed >= self.credit_threshold
 
     def host_done(self) -> bool:
         """Nothing more will go to the guest."""
