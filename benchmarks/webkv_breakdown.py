@@ -14,8 +14,9 @@ against it and reads, over the timed window only:
 - with ``--load kvload`` the load is examples/kvload.py's 8 closed-loop clients
   (latency-bound: what the p99 goal is about) instead of wrk GET's 16 connections;
 - with ``--syscalls`` (wrk only), a second window under `perf trace -s`: syscalls per request
-  of the vsock thread (host TCP, epoll, eventfd). perf slows the traced threads, so
-  this window gives counts, not times.
+  of each thread (host TCP, epoll, eventfd) and the time each took (perf's own
+  figure, wall time inside the call). perf slows the traced threads, so these
+  times are upper bounds and the window's throughput is not the run's.
 
 Only the benchmark's child instruments the node (wrappers around exit handlers and
 the device's ``notify``), so the product code carries no counters for it. A tree
@@ -169,18 +170,19 @@ def perf_trace(pid: int, seconds: float) -> subprocess.Popen:
     )
 
 
-def parse_perf_summary(text: str) -> dict[int, dict[str, int]]:
-    """`perf trace -s` output: syscall counts by thread id."""
-    out: dict[int, dict[str, int]] = {}
-    current: dict[str, int] | None = None
+def parse_perf_summary(text: str) -> dict[int, dict[str, list[float]]]:
+    """`perf trace -s` output: by thread id, each syscall's [count, total ms]."""
+    out: dict[int, dict[str, list[float]]] = {}
+    current: dict[str, list[float]] | None = None
     for line in text.splitlines():
         head = re.match(r"\s*\S.*\((\d+)\), \d+ events", line)
         if head:
             current = out.setdefault(int(head[1]), {})
             continue
-        row = re.match(r"\s+([a-z_0-9]+)\s+(\d+)\s+\d+\s+[\d.]+", line)
+        row = re.match(r"\s+([a-z_0-9]+)\s+(\d+)\s+\d+\s+([\d.]+)", line)
         if row and current is not None:
-            current[row[1]] = current.get(row[1], 0) + int(row[2])
+            count, ms = current.setdefault(row[1], [0, 0.0])
+            current[row[1]] = [count + int(row[2]), ms + float(row[3])]
     return out
 
 
@@ -375,7 +377,8 @@ def per_request(raw: dict) -> dict[str, float]:
         out[f"{name}_cpu_us"] = per(cpu["on_cpu_ns"] - was["on_cpu_ns"], 1e-3)
         if name == "vcpu":
             out["vcpu_guest_us"] = per(cpu["guest_s"] - was["guest_s"], 1e6)
-            out["vcpu_system_us"] = per(cpu["system_s"] - was["system_s"], 1e6)
+        if "system_s" in cpu:  # a thread of this process (stat: 10 ms ticks)
+            out[f"{name}_system_us"] = per(cpu["system_s"] - was["system_s"], 1e6)
     out["process_cpu_us"] = per(after["process_cpu_s"] - before["process_cpu_s"], 1e6)
     out["process_cpu_share"] = round((after["process_cpu_s"] - before["process_cpu_s"]) / wall, 3)
     for device in ("vsock", "blk"):
@@ -409,10 +412,12 @@ def per_request(raw: dict) -> dict[str, float]:
         out["vcpu_kvm_run_us"] = round(out["vcpu_cpu_us"] - out["exit_python_us"], 3)
     traced = raw.get("syscalls")
     if traced and traced["requests"]:
+        n = traced["requests"]
         for name, calls in traced["by_thread"].items():
-            for call, count in calls.items():
-                out[f"syscalls_{name}_{call}"] = round(count / traced["requests"], 3)
-            out[f"syscalls_{name}"] = round(sum(calls.values()) / traced["requests"], 3)
+            for call, (count, ms) in calls.items():
+                out[f"syscalls_{name}_{call}"] = round(count / n, 3)
+                out[f"syscalls_{name}_{call}_us_each"] = round(ms * 1e3 / count, 2)
+            out[f"syscalls_{name}"] = round(sum(c for c, _ in calls.values()) / n, 3)
     return out
 
 
