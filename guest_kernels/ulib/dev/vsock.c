@@ -478,10 +478,6 @@ static void reset_all(struct vsock *vs)
 	for (unsigned i = 0; i < vs->nlisteners; i++)
 		vs->listeners[i].count = 0;
 	vs->rst_n = 0;
-	while (vs->dirty_head)
-		vs_unmark_dirty(vs, vs->dirty_head);
-	vs->rx_reposted = 0;
-	vs->blocked_on_slots = 0;
 }
 
 static int setup(struct vsock *vs);
@@ -572,6 +568,8 @@ static int setup(struct vsock *vs)
 	vs->tx_nfree = 0;
 	for (unsigned i = 0; i < VS_TX_SLOTS && i < vs->txq.size; i++)
 		vs->tx_free[vs->tx_nfree++] = i;
+	vs->rx_reposted = 0;		/* new rings: nothing of the old ones counts */
+	vs->blocked_on_slots = 0;
 	virtq_kick(&vs->rxq);
 	virtq_kick(&vs->evq);
 	return 0;
