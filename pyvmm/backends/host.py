@@ -32,8 +32,11 @@ quiesces the model first (a request in progress finishes, bounded by
 ``rings.STOP_TIMEOUT_S``) and answers with where the ring stopped; the model runs again
 when all its rings are started again. The model's ``transport.used(i)`` signals
 ring i's call eventfd (counted: ``calls``), and ring i's kick eventfd becomes
-``model.notify(i)``. The memory table holds only the front-end's partition, so DMA
-is confined by construction, and every descriptor is checked by ``Virtqueue``.
+``model.notify(i)`` (a model with ``owns_kicks`` reads ``transport.kick_fds`` on its
+own thread instead, counting in ``transport.kicks``, and stops reading them when
+it is quiesced: a kick then wakes one thread, not two). The memory table holds only
+the front-end's partition, so DMA is confined by construction, and every descriptor
+is checked by ``Virtqueue``.
 
 One thread runs the event loop (epoll over the control socket, every vhost-user
 socket and every started ring's kick fd); models keep their own worker threads. The
@@ -160,6 +163,8 @@ class Host:
     # -- front-ends --
 
     def _kicks(self, front: FrontEnd, watch: bool) -> None:
+        if getattr(front.model, "owns_kicks", False):
+            return  # its own thread reads them (``RingTransport.kick_fds``): no hop
         for index, vring in enumerate(front.vrings):
             if watch and vring.started and vring.kick >= 0:
                 kick = vring.kick

@@ -53,10 +53,21 @@ class TableMemory:
 class RingTransport:
     """What a device model asks of its transport, over vhost-user rings."""
 
-    def __init__(self, queues: list[Virtqueue], call_fds: list[int], calls: list[int]) -> None:
+    def __init__(
+        self,
+        queues: list[Virtqueue],
+        call_fds: list[int],
+        calls: list[int],
+        kick_fds: list[int] | None = None,
+        kicks: list[int] | None = None,
+    ) -> None:
         self.queues = queues
         self.call_fds = call_fds
         self.calls = calls  # per ring, kept by the front-end across sessions
+        # for a model that reads its kicks itself (``owns_kicks``): the fds, and the
+        # front-end's counts to add to
+        self.kick_fds = kick_fds or []
+        self.kicks = kicks if kicks is not None else [0] * len(queues)
         self.errors = 0
         self.last_error = ""
         self._lock = threading.Lock()  # a call never races the fd's close
@@ -148,7 +159,9 @@ class FrontEnd(vu.BackEnd):
             used_idx = int.from_bytes(memory.view(queue.device_addr + 2, 2), "little")
             queue.start_at(vring.base, used_idx)
             queues.append(queue)
-        self.transport = RingTransport(queues, [v.call for v in self.vrings], self.calls)
+        calls = [v.call for v in self.vrings]
+        kicks = [v.kick for v in self.vrings]
+        self.transport = RingTransport(queues, calls, self.calls, kicks, self.kicks)
         self.model.activate(self.transport)  # type: ignore[arg-type]
 
     def _note_error(self, message: str) -> None:

@@ -40,6 +40,8 @@ took with it (it cannot ask a dead process).
 from __future__ import annotations
 
 import mmap
+import os
+import select
 import socket
 import struct
 import sys
@@ -61,18 +63,53 @@ _MODEL_ARGS = {"guest_cid", "buf_alloc", "connect_timeout", "max_connections"}
 class RingVsock(VirtioVsock):
     """The device model over vhost-user rings (see the module's docstring): the
     host's ``quiesce`` (GET_VRING_BASE) stops the rings; ``hand_back`` is the
-    device's own quiesce."""
+    device's own quiesce. The rings' kick fds are in the device's own epoll
+    (``owns_kicks``): a guest's kick wakes the device's thread directly, not the
+    host's loop and then the device's thread."""
+
+    owns_kicks = True
 
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.packets = [0, 0, 0]  # chains taken, per ring
         self._rings: object | None = None  # the last transport activated
         self._past_errors = [0, 0, 0]  # malformed chains on the rings of earlier ones
+        self._kick_fds: dict[int, int] = {}  # kick fd → ring, while the rings run
+        self._kicks: list[int] = [0, 0, 0]
 
     def activate(self, transport: object) -> None:  # type: ignore[override]
         self._past_errors = self.queue_errors()
         self._rings = transport
+        self._stop_kicks()
+        self._kicks = getattr(transport, "kicks", self._kicks)
+        kick_fds = {fd: ring for ring, fd in enumerate(getattr(transport, "kick_fds", ()))}
+        kick_fds.pop(-1, None)
+        self._kick_fds = kick_fds
+        for fd in kick_fds:
+            self._epoll.register(fd, select.EPOLLIN)
         super().activate(transport)  # type: ignore[arg-type]
+
+    def _stop_kicks(self) -> None:
+        """Before the host closes them."""
+        kick_fds, self._kick_fds = self._kick_fds, {}
+        for fd in kick_fds:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # closed already
+
+    def _pass(self, events: list[tuple[int, int]]) -> None:
+        kick_fds = self._kick_fds
+        if kick_fds:
+            for fd, _ in events:
+                ring = kick_fds.get(fd)
+                if ring is not None:
+                    try:
+                        os.eventfd_read(fd)
+                        self._kicks[ring] += 1
+                    except BlockingIOError:
+                        pass
+        super()._pass(events)  # the pass takes every ring's work, kicked or not
 
     def queue_errors(self) -> list[int]:
         """Malformed chains dropped, per ring, over every session."""
@@ -97,6 +134,7 @@ class RingVsock(VirtioVsock):
             if self.transport is not None:
                 self._process_tx(self.transport)
             self.transport = None
+            self._stop_kicks()
         finally:
             self._resetting = False
             self._lock.release()

@@ -60,7 +60,7 @@ class VsockProcess(BackendProcess):
 
     def held(self, partition: int) -> int:
         """The streams partition's front-end held at the back-end's last count."""
-        if not 0 <= partition < MAX_PARTITIONS:
+        if not 0 <= partition < MAX_PARTITIONS or self._counters.closed:
             return 0
         return COUNTER.unpack_from(self._counters, COUNTERS.size + partition * COUNTER.size)[0]
 
