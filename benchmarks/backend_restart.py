@@ -41,18 +41,6 @@ def wait(condition, timeout: float = 30.0) -> None:
         time.sleep(0.001)
 
 
-def private_kib(pid: int) -> int:
-    """Rss - RssShmem, from /proc/PID/status: smaps_rollup has Rss but no RssShmem
-    line on this kernel (it splits by Pss_Shmem instead)."""
-    fields = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "RssShmem"):
-                fields[key] = int(rest.split()[0])
-    return fields["VmRSS"] - fields["RssShmem"]
-
-
 def one_round(disk: str, fronts: int) -> dict[str, float]:
     memory = GuestMemory(fronts * PARTITION, backing=MEMFD_4K)
     start = time.monotonic()
@@ -68,7 +56,7 @@ def one_round(disk: str, fronts: int) -> dict[str, float]:
         os.kill(pid, signal.SIGKILL)
         wait(lambda: process.restarts == 1)
         restart_s = time.monotonic() - killed
-        backend_mib = private_kib(process.pid) / 1024
+        backend_mib = (harness.private_kib(process.pid) or 0) / 1024
         started = time.monotonic()
         Child("pyvmm.backends.blk", ["--disk", disk], "spare", lambda *_: None).close()
         child_start_s = time.monotonic() - started

@@ -410,7 +410,7 @@ def children_cpu_s() -> float:
 
 # ---- memory backing ----
 
-BACKING_KEYS = ("Rss", "RssShmem", "AnonHugePages", "ShmemPmdMapped", "FilePmdMapped")
+BACKING_KEYS = ("Rss", "AnonHugePages", "ShmemPmdMapped", "FilePmdMapped")
 
 
 def process_tree(pid: int) -> list[int]:
@@ -437,6 +437,20 @@ def smaps_rollup(pid: int) -> dict[str, int]:
         if key in BACKING_KEYS:
             out[key] = int(rest.split()[0])
     return out
+
+
+def private_kib(pid: int) -> int | None:
+    """Rss - RssShmem of a process, KiB: its own memory, without the shared memory (a
+    memfd of guest RAM) it maps. From /proc/PID/status: smaps_rollup has no RssShmem
+    line (its Rss includes the guest RAM a process touched). None once it is gone."""
+    fields = {}
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "RssShmem"):
+            fields[key] = int(rest.split()[0])
+    if "VmRSS" not in fields:
+        return None
+    return fields["VmRSS"] - fields.get("RssShmem", 0)
 
 
 class PeakBacking:

@@ -1,9 +1,10 @@
 """The VMM's own memory (DESIGN.md §8: ≤30 MiB for the VMM, ≤60 MiB with its back-end
-processes): Σ(Rss - RssShmem) from /proc/PID/smaps_rollup over the `pyvmm boot`
-process and every process it started (its device back-ends, found as its
-descendants, whatever they are called). Guest RAM is a memfd, shared memory that
-each of them maps, so RssShmem takes it out and what remains is each process's
-private memory: interpreter, modules, heap, stacks.
+processes): Σ(Rss - RssShmem) over the `pyvmm boot` process and every process it
+started (its device back-ends, found as its descendants, whatever they are called).
+Guest RAM is a memfd, shared memory that each of them maps, so RssShmem takes it out
+and what remains is each process's own memory: interpreter, libraries, modules, heap,
+stacks (``harness.private_kib``: from /proc/PID/status, as smaps_rollup has no
+RssShmem).
 
 webkv-v1 is booted as webkv.py boots it (a disk, a forwarded port), with
 ``--device-backends thread`` and ``process`` alternated by the harness; each run
@@ -26,14 +27,6 @@ from webkv import kvload, serving
 MIB = 1024
 GOAL_VMM_MIB = 30
 GOAL_TOTAL_MIB = 60
-
-
-def private_kib(pid: int) -> int | None:
-    """Rss - RssShmem of one process (None once it is gone)."""
-    rollup = harness.smaps_rollup(pid)
-    if "Rss" not in rollup:
-        return None
-    return rollup["Rss"] - rollup.get("RssShmem", 0)
 
 
 def command_of(pid: int) -> str:
@@ -59,7 +52,7 @@ class Sampler:
     def sample(self) -> dict[int, int]:
         out = {}
         for pid in harness.process_tree(self.vmm):
-            kib = private_kib(pid)
+            kib = harness.private_kib(pid)
             if kib is not None:
                 out[pid] = kib
                 if pid not in self.commands:
@@ -169,7 +162,7 @@ def main() -> None:
     out = rounds.to_json()
     result = {
         "benchmark": "memory",
-        "what": "sum of Rss - RssShmem (smaps_rollup) over the VMM and its back-end processes",
+        "what": "sum of Rss - RssShmem (/proc/PID/status) over the VMM and its back-end processes",
         "goal_mib": {"vmm": GOAL_VMM_MIB, "vmm_and_backends": GOAL_TOTAL_MIB},
         "settle_s": args.settle,
         "load_seconds": args.load_seconds,
@@ -193,7 +186,7 @@ def main() -> None:
         )
     report(
         result,
-        f"memory ({out['method']['rounds']} rounds, Rss-RssShmem, goal VMM <= {GOAL_VMM_MIB}, "
+        f"memory ({out['method']['rounds']} rounds, Rss - RssShmem, goal VMM <= {GOAL_VMM_MIB}, "
         f"with back-ends <= {GOAL_TOTAL_MIB} MiB): " + "; ".join(parts),
     )
 

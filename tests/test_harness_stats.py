@@ -168,6 +168,27 @@ def test_backing_summary_and_smaps_of_this_process():
     assert own["Rss"] > 0 and "AnonHugePages" in own
 
 
+def test_private_memory_leaves_out_shared_memory():
+    """harness.private_kib (benchmarks/memory.py): 8 MiB of a touched memfd mapping,
+    as guest RAM is, count in VmRSS but not in Rss - RssShmem."""
+    import mmap
+    import os
+
+    pid = os.getpid()
+    before = harness.private_kib(pid)
+    fd = os.memfd_create("test")
+    try:
+        os.ftruncate(fd, 8 << 20)
+        with mmap.mmap(fd, 8 << 20) as shared:
+            for page in range(0, 8 << 20, 4096):
+                shared[page] = 1
+            after = harness.private_kib(pid)
+            assert after - before < 2 << 10  # KiB: well under the 8 MiB touched
+    finally:
+        os.close(fd)
+    assert harness.private_kib(2**22 + 12345) is None  # no such process
+
+
 def test_machine_state_has_load_thp_and_kernel():
     state = harness.machine_state()
     assert len(state["loadavg"]) == 3

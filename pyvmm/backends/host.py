@@ -46,22 +46,24 @@ process serves one control connection and exits when it closes; it dies with the
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import logging
 import os
 import select
 import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import ClassVar
 
-from ..devices.virtio._log import ERROR, INFO, log
+from ..devices.virtio._log import ERROR, INFO, log, log_to_stderr
 from ..devices.virtio.backend import VirtioBackend
 from . import channel
 from . import vhost_user as vu
 from .rings import FrontEnd
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import ClassVar  # typing costs the process ~0.5 MiB
 
 ACCEPT_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
@@ -308,6 +310,8 @@ def accept_one(path: str, timeout: float | None) -> socket.socket:
 
 def run(device_type: type[DeviceType], argv: list[str] | None = None) -> int:
     """The process's main: arguments, the control connection, the loop."""
+    import argparse  # here: the VMM imports back-end modules for their constants
+
     parser = argparse.ArgumentParser(prog=f"python -m pyvmm.backends.{device_type.name}")
     parser.add_argument("--control", required=True, help="the Unix socket to accept the VMM on")
     parser.add_argument("--parent", type=int, default=0, help="die when this process does")
@@ -320,7 +324,7 @@ def run(device_type: type[DeviceType], argv: list[str] | None = None) -> int:
     device_type.add_arguments(parser)
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    log_to_stderr()
     device = device_type(args)
     try:
         conn = accept_one(args.control, args.accept_timeout or None)

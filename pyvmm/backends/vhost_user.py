@@ -25,8 +25,9 @@ import select
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
 from enum import IntEnum
+
+from ..record import Record
 
 
 class Request(IntEnum):
@@ -110,28 +111,25 @@ class RequestRefused(VhostUserError):
     """The back-end refused a well-formed request (a non-zero REPLY_ACK)."""
 
 
-@dataclass
-class Message:
+class Message(Record):
     request: int
     flags: int
     payload: bytes
-    fds: list[int] = field(default_factory=list)
+    fds: list[int]
 
     def close_fds(self) -> None:
         close_all(self.fds)
         self.fds = []
 
 
-@dataclass(frozen=True)
-class MemoryRegion:
+class MemoryRegion(Record, frozen=True):
     guest_phys_addr: int
     memory_size: int
     userspace_addr: int  # where the front-end mapped it
     mmap_offset: int  # of the region in the fd
 
 
-@dataclass(frozen=True)
-class VringAddr:
+class VringAddr(Record, frozen=True):
     index: int
     flags: int
     desc: int  # front-end virtual addresses
@@ -373,8 +371,7 @@ class FrontEnd:
 # ---- the back-end (device process) ----
 
 
-@dataclass
-class Vring:
+class Vring(Record):
     num: int = 0
     addr: VringAddr | None = None
     base: int = 0  # next available index to take
@@ -384,8 +381,7 @@ class Vring:
     started: bool = False
 
 
-@dataclass
-class _Mapping:
+class _Mapping(Record):
     region: MemoryRegion
     map: mmap.mmap
 

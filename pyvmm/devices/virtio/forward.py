@@ -37,7 +37,6 @@ import socket
 import struct
 import threading
 from collections import deque
-from typing import Protocol
 
 DEFAULT_BACKLOG = 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends RST
@@ -60,14 +59,18 @@ def count_listener(delta: int) -> None:
         _open += delta
 
 
-class ListenerDevice(Protocol):
-    """What a ``HostListener`` calls of the device it is attached to."""
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for type checkers only: typing costs a back-end process ~0.5 MiB
+    from typing import Protocol
 
-    def add_listener(self, listener: HostListener) -> None: ...
+    class ListenerDevice(Protocol):
+        """What a ``HostListener`` calls of the device it is attached to."""
 
-    def remove_listener(self, listener: HostListener) -> None: ...
+        def add_listener(self, listener: HostListener) -> None: ...
 
-    def notify(self, queue: int) -> None: ...
+        def remove_listener(self, listener: HostListener) -> None: ...
+
+        def notify(self, queue: int) -> None: ...
 
 
 class Parked:
