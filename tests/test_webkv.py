@@ -548,3 +548,40 @@ def test_a_standby_whose_disk_back_end_died_acquires_at_once(kernels, disk, tmp_
         service.stop()
     print(f"acquire took {took:.3f} s")
     assert took < 4.0  # the new back-end's start, not the 5 s time-out
+
+
+def test_a_disk_back_end_that_stays_dead_ends_in_a_known_state(kernels, disk, tmp_path):
+    """The disk's back-end killed more often than the VMM restarts it: the guest's
+    driver tries for ~22 s, then gives up with a console line, the write that waited
+    is answered 503, and webkv serves on: GETs answered, PUTs refused, /status says
+    so."""
+    from pyvmm.backends.process import MAX_RESTARTS
+
+    control = str(tmp_path / "node.sock")
+    service = WebKv(kernels, disk, "v1", "process", "--control", control)
+
+    def blk0() -> dict:
+        return control_request(control, {"op": "status"})["result"]["device_backends"]["blk0"]
+
+    try:
+        assert service.request("PUT", "/kv/kept", b"v")[0] == 201
+        for restarts in range(MAX_RESTARTS + 1):
+            os.kill(blk0()["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while restarts < MAX_RESTARTS and blk0()["restarts"] <= restarts:
+                assert time.monotonic() < deadline, blk0()
+                time.sleep(0.05)
+        began = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=90)
+        conn.request("PUT", "/kv/lost", body=b"v")  # waits for the give-up
+        status = conn.getresponse().status
+        conn.close()
+        waited = time.monotonic() - began
+        service.guest.expect(r"vblk: error=reset-failed tries=60 inflight=\d+\n", 5)
+        assert status == 503
+        assert service.request("GET", "/kv/kept") == (200, b"v")
+        assert service.request("PUT", "/kv/again", b"v")[0] == 503
+        assert json.loads(service.request("GET", "/status")[1])["disk"] == "error"
+    finally:
+        service.stop()
+    print(f"gave up {waited:.1f} s after the PUT")
