@@ -10,6 +10,12 @@ later, from a work queue, and by then a world switch may have put another
 instance's irqchip in place, which would swallow it. ``NotifyPoller`` turns
 ioeventfd-signalled queue notifications into calls on a device, on its own thread.
 Each line counts its assertions (``raised``), devirtualized or not.
+
+An ``IrqfdLine`` whose eventfd a back-end process writes itself (``external``) is
+never triggered by the VMM's device: its interrupts reach KVM without the VMM. The
+microvisor takes such a line off its irqfd while virtualized (``unbind``) and polls
+the eventfd instead, so each call still reaches only the device's owner; ``bind``
+gives it back to KVM.
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ class IrqfdLine:
         vm.irqfd(self.fd, gsi)
         self.raised = 0  # triggers (not atomic: a statistic, racing triggers may share one)
         self.deliver: Callable[[bool], None] = self.to_kvm
+        # A back-end process writes ``fd`` itself (vhost-user call fd): set when the
+        # device is attached, before the fd is handed out.
+        self.external = False
 
     def trigger(self) -> None:
         self.raised += 1
@@ -73,6 +82,17 @@ class IrqfdLine:
         if level:
             self._vm.irq_line(self.gsi, 1)
             self._vm.irq_line(self.gsi, 0)
+
+    def unbind(self) -> None:
+        """Take the eventfd off KVM. When this returns, every event written before it
+        has reached the irqchip (KVM flushes its injection work), and every later one
+        stays in the eventfd's counter for whoever reads it."""
+        self._vm.irqfd(self.fd, self.gsi, deassign=True)
+
+    def bind(self) -> None:
+        """Give the eventfd back to KVM; an event already counted in it is injected
+        at once (KVM polls the eventfd when it is assigned)."""
+        self._vm.irqfd(self.fd, self.gsi)
 
     def close(self) -> None:
         if self.fd >= 0:

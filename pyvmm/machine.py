@@ -196,6 +196,8 @@ class Machine:
             raise ValueError(f"at most {len(VIRTIO_GSIS)} virtio devices")
         base, gsi = VIRTIO_MMIO_BASE + index * VIRTIO_WINDOW, VIRTIO_GSIS[index]
         line = IrqfdLine(self.vm, gsi)
+        # A back-end in another process gets the line's eventfd as its call fd.
+        line.external = bool(getattr(backend, "interrupts_bypass_vmm", False))
         transport = VirtioMmioTransport(self.memory, backend, line, name)  # type: ignore[arg-type]
         kick_fds = getattr(backend, "kick_fds", None)
         if kick_fds is not None:

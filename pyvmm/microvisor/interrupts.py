@@ -14,10 +14,23 @@ must only reach KVM while the line's owner is on the vCPU:
   so the restore (which re-asserts the pins saved high) does not revive it.
 
 Every line counts what became of its assertions (``line_counts``).
+
+A line whose eventfd a back-end process writes (``IrqfdLine.external``) reaches KVM
+through its irqfd devirtualized, without the VMM. While virtualized the router takes
+it off KVM (``unbind``: when that returns, KVM has injected every event written
+before, into the irqchip loaded then, the devirtualized owner's) and a ``CallPoller``
+thread reads the eventfd: each read is one routed assertion of the line, counted
+with the number of calls it gathered (in ``raised`` and the router's counts). At
+``detach`` the line leaves the poller under the router's lock (no read after that)
+and goes back to KVM (``bind``), which injects a call counted meanwhile into the
+survivor's irqchip: no call is lost or delivered twice across the switch.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import select
 import threading
 from collections.abc import Callable
 
@@ -26,6 +39,7 @@ from ..lines import IrqfdLine, IrqLine
 from .instance import OsInstance
 
 LINE_COUNTERS = ("injected", "held", "replayed", "dropped")
+log = logging.getLogger("pyvmm.microvisor")
 
 
 class IrqRouter:
@@ -39,20 +53,41 @@ class IrqRouter:
         # switched-out owner, replayed at its switch-in, dropped (no owner, or the
         # owner changed before the replay).
         self.counts: dict[int, dict[str, int]] = {}
+        self.routed_calls: dict[int, int] = {}  # per GSI: back-end calls polled and routed
+        self._poller: CallPoller | None = None
 
     def attach(self, lines: list[IrqLine | IrqfdLine]) -> None:
-        """Route these lines through the microvisor (entering virtualized mode)."""
+        """Route these lines through the microvisor (entering virtualized mode). Call
+        it with ``lock`` held until the owners are set: polled calls wait for it."""
         for line in lines:
             self._lines[line.gsi] = line
             self.counts.setdefault(line.gsi, dict.fromkeys(LINE_COUNTERS, 0))
             line.deliver = lambda level, line=line: self._changed(line, level)
+        external = [line for line in lines if getattr(line, "external", False)]
+        if external:
+            self._poller = CallPoller(self)
+            for line in external:
+                line.unbind()  # type: ignore[union-attr]
+                self._poller.add(line)  # type: ignore[arg-type]
 
-    def detach(self) -> None:
-        """Give every line back its direct path (devirtualizing)."""
+    def detach(self) -> CallPoller | None:
+        """Give every line back its direct path (devirtualizing); called with ``lock``
+        held. Returns the poller, to ``close`` once the lock is released."""
+        poller, self._poller = self._poller, None
         for line in self._lines.values():
             line.deliver = line.to_kvm
+            if poller is not None and poller.remove(line):
+                line.bind()  # type: ignore[union-attr]
         self._lines.clear()
         self._owner.clear()
+        return poller
+
+    def routed_call(self, line: IrqfdLine, calls: int) -> None:
+        """``calls`` calls of a back-end process, read at once from the line's eventfd
+        (poller thread, ``lock`` held): one assertion, counted ``calls`` times."""
+        line.raised += calls
+        self.routed_calls[line.gsi] = self.routed_calls.get(line.gsi, 0) + calls
+        self._changed(line, True, calls)
 
     def set_owner(self, line: IrqLine | IrqfdLine, owner: OsInstance | None) -> None:
         with self.lock:
@@ -71,25 +106,25 @@ class IrqRouter:
         with self.lock:
             return dict(self.counts.get(gsi, dict.fromkeys(LINE_COUNTERS, 0)))
 
-    def _changed(self, line: IrqLine | IrqfdLine, level: bool) -> None:
+    def _changed(self, line: IrqLine | IrqfdLine, level: bool, times: int = 1) -> None:
         with self.lock:
             owner = self._owner.get(line.gsi)
             counts = self.counts[line.gsi]
             if owner is None:
                 if level:
-                    counts["dropped"] += 1  # nobody owns the device: it goes nowhere
+                    counts["dropped"] += times  # nobody owns the device: it goes nowhere
                 return
             if owner is self.current:
                 line.inject(level)
                 if level:
-                    counts["injected"] += 1
+                    counts["injected"] += times
                 return
             if not level:
                 owner.held.discard(line.gsi)
                 _lower_saved_pin(owner, line.gsi)
                 return
             owner.held.add(line.gsi)
-            counts["held"] += 1
+            counts["held"] += times
         self._wake(owner)
 
     def switched_in(self, instance: OsInstance) -> None:
@@ -115,3 +150,58 @@ def _lower_saved_pin(instance: OsInstance, gsi: int) -> None:
     chips = instance.cpu.irqchips
     if len(chips) > IOAPIC:
         chips[IOAPIC].chip.ioapic.irr &= ~(1 << gsi)
+
+
+class CallPoller:
+    """Reads the call eventfds of back-end processes while virtualized, on its own
+    thread, and routes each read (``IrqRouter.routed_call``). Reads happen only under
+    the router's lock and only for lines still added, so ``remove`` (lock held) is
+    final. The thread ends at ``close``."""
+
+    def __init__(self, router: IrqRouter) -> None:
+        self._router = router
+        self._lines: dict[int, IrqfdLine] = {}  # eventfd → line
+        self._epoll = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._thread = threading.Thread(target=self._loop, name="irq-calls", daemon=True)
+        self._thread.start()
+
+    def add(self, line: IrqfdLine) -> None:
+        self._lines[line.fd] = line
+        self._epoll.register(line.fd, select.EPOLLIN)  # level: a count already there shows
+
+    def remove(self, line: IrqLine | IrqfdLine) -> bool:
+        """Stop reading ``line``'s eventfd (router lock held); False if it was not read."""
+        fd = getattr(line, "fd", -1)
+        if self._lines.pop(fd, None) is None:
+            return False
+        self._epoll.unregister(fd)
+        return True
+
+    def _loop(self) -> None:
+        router = self._router
+        while True:
+            for fd, _ in self._epoll.poll():
+                if fd == self._wake:
+                    return
+                with router.lock:
+                    line = self._lines.get(fd)
+                    if line is None:
+                        continue  # removed meanwhile: KVM has it again
+                    try:
+                        calls = os.eventfd_read(fd)
+                    except BlockingIOError:
+                        continue
+                    try:
+                        router.routed_call(line, calls)
+                    except OSError:  # the injection failed: the VM is going away
+                        log.exception("irq line %d: a back-end's call was not injected", line.gsi)
+
+    def close(self) -> None:
+        """End the thread (not with the router's lock held: it may be waiting for it)."""
+        os.eventfd_write(self._wake, 1)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._epoll.close()
+            os.close(self._wake)

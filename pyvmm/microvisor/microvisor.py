@@ -372,9 +372,10 @@ class Microvisor:
             raise MicrovisorError("no instance is running")
         for instance in self.live():
             self._build_views(instance)
-        self.router.attach([line for a in self.machine.devices.values() for line in a.irqs])
-        self._assign_lines()
-        self.router.current = self.current
+        with self.router.lock:  # a back-end's call polled meanwhile waits for the owners
+            self.router.attach([line for a in self.machine.devices.values() for line in a.irqs])
+            self._assign_lines()
+            self.router.current = self.current
         self.slots.trusted = self.current.partition  # for the protect-first mode
         self.machine.pio, self.machine.mmio = self.current.pio, self.current.mmio
         self.mode = VIRTUALIZED
@@ -395,7 +396,9 @@ class Microvisor:
         with self.router.lock:
             if survivor is not self.current:
                 self._switch(survivor)
-            self.router.detach()
+            poller = self.router.detach()
+        if poller is not None:
+            poller.close()
         self.slots.alone(survivor.partition)  # and so it stays, devirtualized
         for instance in self.instances.values():
             instance.refusals.flush()
