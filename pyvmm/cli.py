@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from .backends import DEVICE_BACKENDS_ENV, default_device_backends
 from .ctl import parse_timeouts, run_ctl, run_upgrade
 from .launcher import run_boot
 
@@ -52,10 +53,10 @@ def boot(
     device_backends: Annotated[
         str,
         typer.Option(
-            help="where the disk's back-end runs: thread (in the VMM) or process "
-            "(vhost-user; such a node cannot be virtualized)"
+            help="where the service devices' back-ends run: thread (in the VMM) or "
+            f"process (vhost-user); the default comes from {DEVICE_BACKENDS_ENV} if set"
         ),
-    ] = "thread",
+    ] = default_device_backends(),
 ) -> None:
     """Boot KERNEL on one vCPU. The guest console is this process's stdin/stdout, and
     the process exits with the code the guest writes to the debug-exit port (0xf4)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import sys
 
+from .backends import DEVICE_BACKENDS, DEVICE_BACKENDS_ENV, default_device_backends
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .machine import Machine, RunResult
@@ -26,7 +28,7 @@ BOOT_OPTIONS: dict[str, tuple[str, type, object]] = {
     "--control": ("control", str, None),
     "--disk": ("disk", str, None),
     "--forward": ("forward", list, None),
-    "--device-backends": ("device_backends", str, "thread"),
+    "--device-backends": ("device_backends", str, default_device_backends()),
 }
 
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -156,14 +158,15 @@ def run_boot(
     control: str | None = None,
     disk: str | None = None,
     forward: list[str] | None = None,
-    device_backends: str = "thread",
+    device_backends: str | None = None,
 ) -> int:
     """``pyvmm boot``: returns the process exit status.
 
     With ``control``, the node is armed for maintenance: a spare partition of the
     same size, a vsock device per partition and a control socket. ``disk`` and
     ``forward`` add the service devices (virtio-blk, host ports to guest vsock ports);
-    ``device_backends="process"`` serves the disk from back-end processes (vhost-user).
+    ``device_backends="process"`` serves them from back-end processes (vhost-user);
+    None: ``PYVMM_DEVICE_BACKENDS`` or the default (``backends.default_device_backends``).
     """
     try:
         size = parse_size(mem)
@@ -177,8 +180,12 @@ def run_boot(
     from .errors import EX_SOFTWARE, PyvmmError
     from .machine import Machine
 
-    if device_backends not in ("thread", "process"):
-        error(f"--device-backends {device_backends!r}: thread or process")
+    device_backends = device_backends or default_device_backends()
+    if device_backends not in DEVICE_BACKENDS:
+        error(
+            f"--device-backends (or {DEVICE_BACKENDS_ENV}) {device_backends!r}: "
+            f"{' or '.join(DEVICE_BACKENDS)}"
+        )
         return EX_USAGE
     partitions = 2 if control else 1
     services = None

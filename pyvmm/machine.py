@@ -101,8 +101,6 @@ class Machine:
         """``shared_memory``: guest RAM must be a memfd back-end processes can map."""
         self._closed = False
         self.kvm = Kvm()
-        # Why the node cannot be virtualized (device back-ends in other processes), or "".
-        self.no_virtualize_reason = ""
         try:
             self._build(mem_size, partitions, console, console2, shared_memory)
         except BaseException:

@@ -13,14 +13,15 @@ connection mapping only its partition; the write lease lives in that process and
 ``give_disk`` moves it with a control op (``BlkProcess.grant``). The vsock front-ends
 are served likewise by one process (``pyvmm.backends.vsock``), which owns the streams;
 the VMM keeps the listening sockets, and the listeners (``RemoteListener``) move by
-control op. Such a node still refuses to be virtualized until the back-ends'
-interrupts can be routed to an owner.
+control op. While the node is virtualized the microvisor routes the back-ends'
+interrupts to each device's owner (``microvisor.interrupts``).
 """
 
 from __future__ import annotations
 
 import os
 
+from .backends import DEVICE_BACKENDS, DEVICE_BACKENDS_ENV, default_device_backends
 from .errors import UsageError
 from .machine import Machine
 from .record import Record
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from .devices.virtio.blk_journal import WriteJournal
 
 FIRST_GUEST_CID = 3
-DEVICE_BACKENDS = ("thread", "process")
 # Set to a path: the disk's writes and flushes are recorded there (blk_journal.py), so
 # a checker can rebuild the image as a power cut at any moment would leave it.
 DISK_JOURNAL_ENV = "PYVMM_DISK_JOURNAL"
@@ -84,6 +84,26 @@ class ServiceDevices:
             if hasattr(front, "describe")
         }
 
+    def backend_calls(self) -> dict[str, int]:
+        """Per front-end served by a back-end process: the interrupts (call eventfd
+        writes, every ring) as that process counts them; {} with threads. One
+        ``status`` request per process; one that cannot answer is left out."""
+        from .backends.process import BackendError
+
+        fronts = [f for f in [*self.vsocks, *self.disks] if hasattr(f, "interrupts_bypass_vmm")]
+        processes = {id(f.process): f.process for f in fronts}  # type: ignore[attr-defined]
+        calls: dict[str, int] = {}
+        for process in processes.values():
+            if not process.alive:
+                continue
+            try:
+                devices = process.status()["devices"]
+            except (BackendError, KeyError):
+                continue
+            for name, device in devices.items():  # type: ignore[union-attr]
+                calls[name] = sum(ring["calls"] for ring in device.get("rings", []))
+        return calls
+
     def disk_writer(self) -> int | None:
         """The partition whose front-end may write the disk."""
         holder = None if self.lease is None else self.lease.holder
@@ -105,13 +125,20 @@ def add_service_devices(
     machine: Machine,
     disk: str | None = None,
     forwards: tuple[Forward, ...] = (),
-    backends: str = "thread",
+    backends: str | None = None,
 ) -> ServiceDevices:
+    """``backends``: "thread" or "process"; None takes ``PYVMM_DEVICE_BACKENDS`` or the
+    default (``backends.default_device_backends``). Process back-ends need guest RAM
+    in a memfd (``Machine(shared_memory=True)``)."""
     from .devices.virtio import VirtioBlk, VirtioVsock
     from .devices.virtio.blk import WriteLease
 
+    backends = backends or default_device_backends()
     if backends not in DEVICE_BACKENDS:
-        raise UsageError(f"--device-backends {backends!r}: one of {', '.join(DEVICE_BACKENDS)}")
+        raise UsageError(
+            f"--device-backends (or {DEVICE_BACKENDS_ENV}) {backends!r}: "
+            f"one of {', '.join(DEVICE_BACKENDS)}"
+        )
     devices = ServiceDevices()
     devices.backends = backends
     if backends == "process":
@@ -183,10 +210,6 @@ def _add_process_disks(machine: Machine, disk: str, devices: ServiceDevices) -> 
         raise UsageError(f"{DISK_JOURNAL_ENV} needs --device-backends thread")
     if not os.path.isfile(disk):
         raise UsageError(f"--disk {disk}: not a file")
-    machine.no_virtualize_reason = (
-        "device back-ends run in their own processes (--device-backends process): "
-        "routing their interrupts to an owner is not supported yet"
-    )
     try:
         process = BlkProcess(disk)
     except (BackendError, OSError) as exc:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from pyvmm import cli, launcher
+from pyvmm.backends import DEFAULT_DEVICE_BACKENDS, DEVICE_BACKENDS_ENV
 
 
 def typer_boot_arguments(monkeypatch, argv: list[str]) -> dict[str, object] | None:
@@ -68,6 +73,35 @@ def test_options_mirror_the_typer_command():
     for option, (name, _, default) in launcher.BOOT_OPTIONS.items():
         assert option in params[name].opts
         assert params[name].default == default
+
+
+DEFAULTS_SCRIPT = """
+import typer
+from pyvmm import cli, launcher
+from pyvmm.backends import DEFAULT_DEVICE_BACKENDS, DEVICE_BACKENDS_ENV
+boot = typer.main.get_command(cli.app).commands["boot"]
+typer_default = next(p.default for p in boot.params if p.name == "device_backends")
+print(launcher.parse_boot_args(["boot", "k.elf"])["device_backends"], typer_default)
+"""
+
+
+@pytest.mark.parametrize("env", ["process", "thread", ""])
+def test_device_backends_default_comes_from_the_environment(env):
+    """PYVMM_DEVICE_BACKENDS sets --device-backends' default, the same on both paths."""
+    environ = {k: v for k, v in os.environ.items() if k != DEVICE_BACKENDS_ENV}
+    if env:
+        environ[DEVICE_BACKENDS_ENV] = env
+    out = subprocess.run(
+        [sys.executable, "-c", DEFAULTS_SCRIPT], env=environ, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [env or DEFAULT_DEVICE_BACKENDS] * 2
+
+
+def test_a_bad_device_backends_value_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv(DEVICE_BACKENDS_ENV, "fibers")
+    assert launcher.run_boot("k.elf", "256M", "", None) == launcher.EX_USAGE
+    assert f"{DEVICE_BACKENDS_ENV}) 'fibers'" in capsys.readouterr().err
 
 
 def test_parse_size():

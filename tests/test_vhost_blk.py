@@ -377,6 +377,19 @@ def test_moving_the_lease_waits_for_the_write_in_flight(pair, disk):
     assert "write_delay_s" in process_error(process, write_delay_s=-1)
 
 
+def test_fail_io_fails_every_io_of_one_front_end_only(pair, disk):
+    """The upgrade's disk-eio fault with a back-end process: ``ProcessBlk.fail_io``."""
+    (first, _), (vq0, vq1) = pair
+    first.backend.fail_io = True
+    assert write(vq0, 30, b"z" * 512) == b.VIRTIO_BLK_S_IOERR  # the holder's writes fail
+    assert request(vq0, [header(b.VIRTIO_BLK_T_IN, 30), 512, 1])[2][-1] == b.VIRTIO_BLK_S_IOERR
+    assert request(vq1, [header(b.VIRTIO_BLK_T_IN, 30), 512, 1])[2][-1] == b.VIRTIO_BLK_S_OK
+    first.backend.fail_io = False
+    assert first.backend.fail_io is False
+    assert write(vq0, 30, b"z" * 512) == b.VIRTIO_BLK_S_OK
+    assert "fail_io" in process_error(first.backend.process, fail_io={"blk9": True})
+
+
 def process_error(process, **fields) -> str:
     try:
         process.request("fault", **fields)

@@ -288,12 +288,6 @@ def test_a_killed_disk_back_end_is_reported_within_1s_and_restarted(kernels, dis
         assert all(b["alive"] for b in backends.values())
         # one process serves both partitions' front-ends
         assert backends["blk0"]["pid"] == backends["blk1"]["pid"]
-        refused = control_request(control, {"op": "virtualize"})
-        assert not refused["ok"] and "own processes" in refused["error"]
-        assert control_request(control, {"op": "status"})["result"]["mode"] == "devirtualized"
-        check = {"op": "preflight", "kernel": str(kernels / "webkv-v2.elf")}
-        ready = control_request(control, check)["result"]
-        assert not ready["ready"] and "cannot be virtualized" in ready["problems"][0]
 
         stop = threading.Event()
         acked: list[int] = []

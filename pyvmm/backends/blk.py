@@ -12,10 +12,11 @@ Control op ``lease`` {"holder": NAME or null} moves it and replies once the
 previous holder can write no more (a write in progress finishes first: ``grant``
 takes the lock every write holds). The reply says who holds it.
 
-Control op ``fault`` {"write_delay_s": S} is fault injection for tests: every write
-then holds the lease for S seconds more (at most ``MAX_WRITE_DELAY_S``), and
-``status`` counts the writes in progress (``writing``), so a test can move the lease
-while a write is known to be in flight.
+Control op ``fault`` is fault injection for tests and the upgrade's ``--inject``:
+{"write_delay_s": S} makes every write hold the lease for S seconds more (at most
+``MAX_WRITE_DELAY_S``), and ``status`` counts the writes in progress (``writing``), so
+a test can move the lease while a write is known to be in flight; {"fail_io": {NAME:
+bool}} makes every I/O of those front-ends fail (``VirtioBlk.fail_io``: disk-eio).
 """
 
 from __future__ import annotations
@@ -96,10 +97,18 @@ class BlkType(DeviceType):
 
     @control_op("fault")
     def op_fault(self, request: dict[str, object], fds: list[int]) -> dict[str, object]:
-        delay = request.get("write_delay_s", 0.0)
-        if not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_WRITE_DELAY_S:
-            raise ValueError(f"fault: write_delay_s {delay!r} (0 to {MAX_WRITE_DELAY_S})")
-        self.faults.write_delay_s = float(delay)
+        failing = request.get("fail_io", {})
+        if not isinstance(failing, dict) or not all(
+            name in self.models and isinstance(on, bool) for name, on in failing.items()
+        ):
+            raise ValueError(f"fault: fail_io {failing!r} (front-end name: true or false)")
+        if "write_delay_s" in request or not failing:
+            delay = request.get("write_delay_s", 0.0)
+            if not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_WRITE_DELAY_S:
+                raise ValueError(f"fault: write_delay_s {delay!r} (0 to {MAX_WRITE_DELAY_S})")
+            self.faults.write_delay_s = float(delay)
+        for name, on in failing.items():
+            self.models[name].fail_io = on  # type: ignore[attr-defined]
         return {}
 
     def _grant(self, holder: str | None) -> None:

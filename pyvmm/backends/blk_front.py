@@ -63,7 +63,19 @@ class ProcessBlk(VhostUserDevice):
         timeout: float = vu.DEFAULT_TIMEOUT_S,
     ) -> None:
         self.capacity = process.capacity
+        self._fail_io = False
         super().__init__(process, memory, window, name, partition, timeout=timeout)
 
     def config(self) -> bytes:
         return blk_config(self.capacity, self.queue_sizes[0])
+
+    @property
+    def fail_io(self) -> bool:
+        """Fault injection (the upgrade's disk-eio), as ``VirtioBlk.fail_io``: every
+        I/O of this front-end fails while set. Setting it asks the process."""
+        return self._fail_io
+
+    @fail_io.setter
+    def fail_io(self, on: bool) -> None:
+        self.process.request("fault", fail_io={self.name: on})
+        self._fail_io = on

@@ -39,6 +39,9 @@ def node_status(mv: Microvisor, services: ServiceDevices | None = None) -> dict[
     status["virtualized_reason"] = mv.virtualized_reason
     status["service"] = service_status(mv, services)
     status["device_backends"] = {} if services is None else services.backend_status()
+    calls = {} if services is None else services.backend_calls()
+    for line in status["irq_lines"].values():  # type: ignore[attr-defined]
+        line["backend_calls"] = calls.get(line["device"])
     status["last_upgrade"] = mv.last_upgrade
     status["resources"] = resources(services)
     status["invariant"] = invariant_problems(mv, services)

@@ -311,7 +311,8 @@ class Microvisor:
 
     def _irq_lines(self) -> dict[str, dict[str, object]]:
         """Per interrupt line (by GSI): its device, that device's owner, the
-        assertions the device made and what the router did with them."""
+        assertions the device made and what the router did with them (and how many
+        were a back-end process's calls it polled while virtualized)."""
         lines: dict[str, dict[str, object]] = {}
         for name, attachment in list(self.machine.devices.items()):
             owner = next((i.name for i in self.live() if name in i.devices), None)
@@ -321,6 +322,7 @@ class Microvisor:
                     "owner": owner,
                     "raised": line.raised,
                     **self.router.line_counts(line.gsi),
+                    "routed_calls": self.router.routed_calls.get(line.gsi, 0),
                 }
         return lines
 
@@ -366,8 +368,6 @@ class Microvisor:
     def _virtualize(self) -> None:
         if self.mode == VIRTUALIZED:
             raise MicrovisorError("already virtualized")
-        if self.machine.no_virtualize_reason:
-            raise MicrovisorError(f"cannot virtualize: {self.machine.no_virtualize_reason}")
         if self.current is None:
             raise MicrovisorError("no instance is running")
         for instance in self.live():

@@ -83,8 +83,6 @@ def preflight(
         problems.insert(0, f"the node is busy: {running} is running")
     elif mv.mode != DEVIRTUALIZED:
         problems.insert(0, "the node is virtualized: maintenance is under way")
-    if mv.machine.no_virtualize_reason:
-        problems.insert(0, f"the node cannot be virtualized: {mv.machine.no_virtualize_reason}")
     live = mv.live()
     serving = live[0] if len(live) == 1 else None
     sha256 = check.sha256 if check is not None else None
