@@ -29,7 +29,8 @@ and the VMM forwards the same socket to the next process. Control ops (all reply
 - ``status`` (generic) adds {listeners: {ID: {address, guest_port, device,
   parked, replay_bytes: [per parked connection]}}, vsock: {name: {connections,
   refused, dropped, redriven, packets: [rx, tx, event], queue_errors: [rx, tx,
-  event], unanswered: [bytes per stream]}}}.
+  event], unanswered: [bytes per stream], answered: streams the guest has sent
+  data on}}}.
 
 A counters page (``counters`` {} + a memfd of ``COUNTERS_SIZE`` bytes) gets, every
 ``COUNTERS_PERIOD_S``, the streams each front-end holds and the connections parked
@@ -50,6 +51,7 @@ import threading
 from ..devices.virtio.forward import HostListener
 from ..devices.virtio.queue import Chain, Virtqueue
 from ..devices.virtio.vsock import VirtioVsock
+from ..devices.virtio.vsock_conn import ESTABLISHED
 from .host import DeviceType, control_op, run
 
 COUNTERS_PERIOD_S = 0.1
@@ -142,6 +144,11 @@ class RingVsock(VirtioVsock):
 
     def hand_back(self, timeout: float) -> bool:
         return VirtioVsock.quiesce(self, timeout)
+
+    def answered(self) -> int:
+        """Streams established on which the guest has sent data (answered)."""
+        with self._lock:
+            return sum(c.state == ESTABLISHED and c.rx_cnt > 0 for c in self._conns.values())
 
     def unanswered(self) -> list[int]:
         """Per stream, the bytes the guest consumed and has not answered yet (what a
@@ -313,6 +320,7 @@ class VsockType(DeviceType):
                 "packets": list(model.packets),  # type: ignore[attr-defined]
                 "queue_errors": model.queue_errors(),  # type: ignore[attr-defined]
                 "unanswered": model.unanswered(),  # type: ignore[attr-defined]
+                "answered": model.answered(),  # type: ignore[attr-defined]
             }
             for name, model in self.models.items()
         }
