@@ -243,11 +243,30 @@ class Virtqueue:
     # --- chain walking ---------------------------------------------------------------
 
     def _walk(self, head: int, generation: int) -> Chain:
+        first = _DESC.unpack_from(self._desc, DESC_SIZE * head)
+        addr, length, flags, _ = first
+        if flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
+            return self._walk_chain(head, generation, first)
+        # The usual chain, one descriptor: the same checks as the loop's, without it.
+        if length > MAX_CHAIN_BYTES:
+            raise ChainError(head, f"chain from {head} exceeds {MAX_CHAIN_BYTES} bytes")
+        window = self._window(head, addr, length)
+        chain = Chain(head, generation)
+        if flags & VIRTQ_DESC_F_WRITE:
+            chain.writable.append(window)
+            chain.writable_len = length
+        else:
+            chain.readable.append(window)
+            chain.readable_len = length
+        return chain
+
+    def _walk_chain(self, head: int, generation: int, desc: tuple[int, int, int, int]) -> Chain:
+        """A chain of several descriptors, or an indirect one; ``desc`` is the head's
+        descriptor as read (each is read once)."""
         chain = Chain(head, generation)
         table = self._desc
         assert table is not None
         table_len = self.size
-        index = head
         in_indirect = False
         budget = self.max_size  # descriptors in the whole chain, indirect ones included
         total = 0
@@ -255,7 +274,7 @@ class Virtqueue:
             budget -= 1
             if budget < 0:
                 raise ChainError(head, f"chain from {head} is longer than {self.max_size}")
-            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
+            addr, length, flags, nxt = desc
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect:
                     raise ChainError(head, "indirect descriptor without VIRTIO_F_INDIRECT_DESC")
@@ -266,7 +285,7 @@ class Virtqueue:
                 table = self._window(head, addr, length)
                 table_len = length // DESC_SIZE
                 in_indirect = True
-                index = 0
+                desc = _DESC.unpack_from(table, 0)
                 continue
             total += length
             if total > MAX_CHAIN_BYTES:
@@ -284,7 +303,7 @@ class Virtqueue:
                 return chain
             if nxt >= table_len:
                 raise ChainError(head, f"next index {nxt} out of range {table_len}")
-            index = nxt
+            desc = _DESC.unpack_from(table, DESC_SIZE * nxt)
 
     def _check(self, addr: int, length: int) -> None:
         if addr < self.dma_base or addr + length > self.dma_end:
