@@ -38,9 +38,24 @@ import threading
 from .queue import ChainError, RingError
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from .mmio import VirtioMmioTransport
+if TYPE_CHECKING:  # for type checkers only, as Protocol: mmio imports this module
+    from typing import Protocol
+
     from .queue import Chain, Virtqueue
+
+    class Transport(Protocol):
+        """What a backend uses of its transport: the virtio-mmio one, or a back-end
+        process's vhost-user rings (``backends.rings.RingTransport``)."""
+
+        queues: list[Virtqueue]
+        driver_features: int
+
+        def used(self, queue: int) -> None: ...
+
+        def config_changed(self) -> None: ...
+
+        def device_error(self, message: str) -> None: ...
+
 
 VIRTIO_F_INDIRECT_DESC = 1 << 28
 VIRTIO_F_VERSION_1 = 1 << 32
@@ -52,7 +67,7 @@ class VirtioBackend:
     features = VIRTIO_F_VERSION_1  # device feature bits offered to the driver
 
     def __init__(self) -> None:
-        self.transport: VirtioMmioTransport | None = None
+        self.transport: Transport | None = None
         self._lock = threading.Lock()  # held while chains are taken and used
 
     def config(self) -> bytes:
@@ -62,7 +77,7 @@ class VirtioBackend:
     def write_config(self, offset: int, data: memoryview) -> None:
         """Driver writes to configuration space; read-only by default."""
 
-    def activate(self, transport: VirtioMmioTransport) -> None:
+    def activate(self, transport: Transport) -> None:
         self.transport = transport
 
     def notify(self, queue: int) -> None:
