@@ -34,6 +34,7 @@ from pathlib import Path
 import harness
 from common import report
 from native_anchor import NativeRun, versus_native
+from stall_timeline import breakdown, summary_line
 
 from pyvmm.control_client import call
 
@@ -51,6 +52,11 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true", help="node and clients on separate CPUs")
     parser.add_argument("--native", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="per upgrade, where its longest request's time went (stall_timeline.py)",
+    )
+    parser.add_argument(
         "--isolation",
         default="symmetric",
         help="the node's memory isolation (none: the baseline without it)",
@@ -60,6 +66,7 @@ def main() -> None:
     state_before = harness.machine_state()
     phase_ms: dict[str, list[float]] = {}
     timelines: list[list[dict]] = []
+    reports: list[dict] = []
     totals: list[float] = []
     outcomes: list[str] = []
     rollbacks: list[dict] = []
@@ -90,6 +97,7 @@ def main() -> None:
                 rollbacks.append({k: result.get(k) for k in ("failed_phase", "reason")})
             version = result["after"]
             timelines.append(timeline)
+            reports.append(result)
             totals.append(result["total_s"] * 1000)
             for phase in result["phases"]:
                 phase_ms.setdefault(phase["phase"], []).append(phase["seconds"] * 1000)
@@ -106,7 +114,7 @@ def main() -> None:
 
     per_upgrade = []
     during: list[float] = []
-    for timeline in timelines:
+    for timeline, upgrade_report in zip(timelines, reports, strict=True):
         samples = [s for s in load.samples if overlaps(s, timeline)]
         during += [s.ms for s in samples]
         worst = max(samples, key=lambda s: s.ms)
@@ -116,6 +124,9 @@ def main() -> None:
         per_upgrade.append(
             {"max_stall_ms": round(worst.ms, 3), "started_in": started_in, "outcome": None}
         )
+        if args.timeline:
+            per_upgrade[-1]["timeline"] = breakdown(worst, upgrade_report)
+            print(summary_line(len(per_upgrade) - 1, per_upgrade[-1]["timeline"]), file=sys.stderr)
     for entry, outcome in zip(per_upgrade, outcomes, strict=True):
         entry["outcome"] = outcome
     baseline = [s.ms for s in load.samples if not any(overlaps(s, t) for t in timelines)]

@@ -164,6 +164,7 @@ class Upgrade:
         # gone) is fenced and the upgrade goes on, instead of rolling back to it.
         self.force = force
         self.forced: str | None = None  # why A was fenced
+        self.trace: list[tuple[float, str, str]] = []  # Microvisor.trace while running
 
     # --- driver ------------------------------------------------------------------
 
@@ -176,14 +177,21 @@ class Upgrade:
             raise PyvmmError("an upgrade is already running on this node")
         self.started = time.monotonic()
         self._note("running", None, None, None)
+        self.mv.trace = self.trace = []
         try:
             result = self._run()
         except BaseException as exc:  # not expected: _run keeps its own failures
             self._note("failed", self.phase, f"{type(exc).__name__}: {exc}", None)
             raise
         finally:
+            self.mv.trace = None
             Upgrade._running.release()
         result["total_s"] = round(time.monotonic() - self.started, 4)
+        # The hand-off step by step, with the world switches and held interrupts:
+        # [ms since the start, event, detail] (benchmarks/downtime.py --timeline).
+        result["trace"] = [
+            [round((t - self.started) * 1000, 3), what, detail] for t, what, detail in self.trace
+        ]
         # CLOCK_MONOTONIC is host-wide: clients on this host can place the phases
         # on their own time line (each phase's "start" is relative to this).
         result["monotonic_start"] = self.started
@@ -367,6 +375,7 @@ class Upgrade:
             listener.detach()  # new connections wait in the listen queue from here on
         self.listeners_moved = True
         self.release_asked = True
+        self._event("listeners detached; release asked")
         try:
             reply = self.agents["a"].ask("release", self.timeouts["release"], self._a_alive)
         except (TimeoutError, ConnectionError) as exc:
@@ -379,10 +388,12 @@ class Upgrade:
             raise UpgradeFailed("release", f"the old instance refused to release: {why}")
         if reply != "released":
             raise UpgradeFailed("release", f"the old instance answered {reply!r}")
+        self._event("A released")
         # A has nothing to do until a rollback: keep it off the vCPU, so B's acquire
         # does not wait for A's slices.
         self.mv.pause(self.a.name)
         self.a_paused = True
+        self._event("A paused")
 
     def _fence_a(self, why: str) -> None:
         """--force: A hangs in its release. It is paused at once (it runs no more), and
@@ -397,11 +408,13 @@ class Upgrade:
         self._check_alive(self.b, "move")
         self.services.give_disk(self.b.partition.index)
         self.disk_moved = True
+        self._event("disk lease moved")
         vsock = self.services.vsocks[self.b.partition.index]
         for listener in self.services.listeners:
             # Waiting connections are offered to B now; B holds them in its backlog
             # and takes them the moment it serves, so the handshakes overlap acquire.
             listener.attach(vsock)
+        self._event("listeners attached; acquire asked")
 
     def _acquire(self) -> None:
         if self.inject == "disk-eio":
@@ -416,6 +429,7 @@ class Upgrade:
             raise UpgradeFailed("acquire", "the new instance never reported serving in time")
         if not reply.startswith("serving"):
             raise UpgradeFailed("acquire", f"the new instance answered {reply!r}")
+        self._event("B serving")
         self.b.slice_s = None  # committed: B is the node's service now
 
     # --- phases after the commit: retried, never rolled back --------------------------
@@ -496,6 +510,9 @@ class Upgrade:
             self.mv.devirtualize()
 
     # --- helpers ---------------------------------------------------------------------
+
+    def _event(self, what: str, detail: str = "") -> None:
+        self.trace.append((time.monotonic(), what, detail))
 
     def _close_agents(self) -> None:
         for agent in self.agents.values():

@@ -119,6 +119,10 @@ class Microvisor:
         self.switches = 0
         self.halted_in_delivery = 0  # switch-outs halted with an event in delivery
         self.switch_latency: deque[float] = deque(maxlen=10_000)
+        # While an upgrade runs (maintenance.Upgrade sets it): what happened on the
+        # vCPU, as (CLOCK_MONOTONIC, event, detail) — world switches with their cost,
+        # held interrupts that woke a switched-out instance. None: nothing recorded.
+        self.trace: list[tuple[float, str, str]] | None = None
         # Why the node is virtualized although maintenance is over (None: it is not,
         # or maintenance is running); devirtualize clears it.
         self.virtualized_reason: str | None = None
@@ -620,6 +624,8 @@ class Microvisor:
         """A held interrupt arrived for ``instance`` (any thread): give it the vCPU soon."""
         if self.mode != VIRTUALIZED or instance is self.current or instance.paused:
             return
+        if self.trace is not None:
+            self.trace.append((time.monotonic(), "held-irq", instance.name))
         ran_for = time.monotonic() - self._slice_started
         if ran_for >= MIN_SLICE_S:
             self._preempt()
@@ -646,13 +652,19 @@ class Microvisor:
             )
             due = timer_due_in(previous.cpu, machine.tsc_khz) if previous.halted else None
             previous.wake_at = None if due is None else time.monotonic() + due
+        slots_started = time.perf_counter()
         self.slots.enter(to.partition, [i.partition for i in self.live()])
+        slots_took = time.perf_counter() - slots_started
         self.switcher.restore(to.cpu)
         machine.pio, machine.mmio = to.pio, to.mmio
         self.current = to
         self.router.switched_in(to)
         self.switches += 1
-        self.switch_latency.append(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.switch_latency.append(took)
+        if self.trace is not None:
+            detail = f"to {to.name} {took * 1e6:.0f}us (slots {slots_took * 1e6:.0f}us)"
+            self.trace.append((time.monotonic(), "switch", detail))
 
 
 def with_console(cmdline: str, partition: int) -> str:
