@@ -55,7 +55,7 @@ def breakdown(sample, report: dict) -> dict:
             if what == "held-irq":
                 held += 1
             else:
-                steps.append([rel(t), what])
+                steps.append([rel(t), what if what != "console" else f"console {detail}"])
     on_cpu[owner] += max(0.0, end - max(cursor, start))
     return {
         "handoff": handoff(report),
@@ -88,6 +88,8 @@ def handoff(report: dict) -> dict:
             slots_ms += float(words[4].removesuffix("us)")) / 1000
         elif what == "held-irq":
             held += 1
+        elif what == "console":
+            steps.append([round(ms - asked, 3), f"console {detail}"])
         else:
             steps.append([round(ms - asked, 3), what])
             last = ms

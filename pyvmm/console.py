@@ -24,6 +24,8 @@ class Console:
         self.label = b""
         self.line_mode = False
         self._pending = bytearray()
+        # Called with each whole line written in line mode (an upgrade's trace).
+        self.on_line: Callable[[bytes], None] | None = None
 
     def __call__(self, data: bytes) -> None:
         if not self.line_mode and not self.label:
@@ -34,7 +36,11 @@ class Console:
             return
         complete, _, rest = bytes(self._pending).rpartition(b"\n")
         self._pending = bytearray(rest)
-        self._write(b"".join(self.label + line + b"\n" for line in complete.split(b"\n")))
+        lines = [self.label + line for line in complete.split(b"\n")]
+        self._write(b"".join(line + b"\n" for line in lines))
+        if self.on_line is not None:
+            for line in lines:
+                self.on_line(line)
 
     def flush(self, end_line: bool = False) -> None:
         """Write a partial line held back in line mode (ended, if nothing will

@@ -178,6 +178,9 @@ class Upgrade:
         self.started = time.monotonic()
         self._note("running", None, None, None)
         self.mv.trace = self.trace = []
+        consoles = list(self.mv.machine.consoles.values())
+        for console in consoles:  # the guests' own words, on the host's clock
+            console.on_line = self._console_line
         try:
             result = self._run()
         except BaseException as exc:  # not expected: _run keeps its own failures
@@ -185,6 +188,8 @@ class Upgrade:
             raise
         finally:
             self.mv.trace = None
+            for console in consoles:
+                console.on_line = None
             Upgrade._running.release()
         result["total_s"] = round(time.monotonic() - self.started, 4)
         # The hand-off step by step, with the world switches and held interrupts:
@@ -364,6 +369,11 @@ class Upgrade:
                 if time.monotonic() > deadline:
                     raise UpgradeFailed("ready", "the new instance never reported ready") from None
                 time.sleep(0.05)
+        # B is ready and has nothing to do until it acquires: A keeps the vCPU alone
+        # from here, so its release and the clients it still serves are not sliced
+        # with B (B's interrupts are held meanwhile).
+        self.mv.focus(self.a.name)
+        self._event("vCPU to A alone")
         if self.inject == "crash-after-ready":
             self.mv.stop(self.b.name)  # as if it had crashed: it is gone, the service is not
 
@@ -389,11 +399,13 @@ class Upgrade:
         if reply != "released":
             raise UpgradeFailed("release", f"the old instance answered {reply!r}")
         self._event("A released")
-        # A has nothing to do until a rollback: keep it off the vCPU, so B's acquire
-        # does not wait for A's slices.
-        self.mv.pause(self.a.name)
+        # A has nothing to do until a rollback: B gets the vCPU alone, so its acquire
+        # does not wait for A's slices. Posted, not waited for: the vCPU thread
+        # switches to B while the lease and the listeners move (the acquire sent to
+        # B is held for it until then).
+        self.mv.focus(self.b.name, wait=False)
         self.a_paused = True
-        self._event("A paused")
+        self._event("vCPU to B alone (posted)")
 
     def _fence_a(self, why: str) -> None:
         """--force: A hangs in its release. It is paused at once (it runs no more), and
@@ -401,7 +413,7 @@ class Upgrade:
         to B when it is stopped (retire), with the requests it took and never answered.
         Its acknowledged writes are on the disk: it flushes before it answers."""
         self.forced = f"the old instance did not release ({why}); it was fenced"
-        self.mv.pause(self.a.name)
+        self.mv.focus(self.b.name)
         self.a_paused = True
 
     def _move(self) -> None:
@@ -513,6 +525,9 @@ class Upgrade:
 
     def _event(self, what: str, detail: str = "") -> None:
         self.trace.append((time.monotonic(), what, detail))
+
+    def _console_line(self, line: bytes) -> None:
+        self._event("console", line[:160].decode(errors="replace"))
 
     def _close_agents(self) -> None:
         for agent in self.agents.values():

@@ -232,6 +232,19 @@ class Microvisor:
         with self.gate.hold("resume"):
             self._on_vcpu(lambda: self._set_paused(name, False))
 
+    def focus(self, name: str, wait: bool = True) -> None:
+        """Give ``name`` the vCPU alone: every other live instance is paused (its
+        interrupts held), ``name`` resumed, in one request to the vCPU thread. An
+        upgrade's hand-off uses it so that A runs its release and then B its acquire
+        without being time-sliced with the other. ``wait=False`` posts the request and
+        returns at once (an error is logged, not raised): the vCPU thread takes
+        requests in order, so any later request finds it done."""
+        with self.gate.hold("focus"):
+            if wait or not self._running:
+                self._on_vcpu(lambda: self._focus(name))
+            else:
+                self.machine.call_on_vcpu(lambda: self._focus_logged(name))
+
     def start(
         self,
         kernel: str,
@@ -461,6 +474,24 @@ class Microvisor:
             raise MicrovisorError(f"{name!r} is the only instance left to run")
         instance.paused = paused
         self._hand_over()  # reschedule now
+
+    def _focus(self, name: str) -> None:
+        instance = self.instances.get(name)
+        if instance is None or not instance.live:
+            raise MicrovisorError(f"no running instance named {name!r}")
+        if self.mode != VIRTUALIZED:
+            raise MicrovisorError("instances are paused only while virtualized")
+        for other in self.live():
+            other.paused = other is not instance
+        self._hand_over()  # reschedule now
+
+    def _focus_logged(self, name: str) -> None:
+        if self.trace is not None:
+            self.trace.append((time.monotonic(), "focus taken", name))
+        try:
+            self._focus(name)
+        except MicrovisorError as exc:
+            log.warning("focus on %s: %s", name, exc)
 
     def _move(self, device: str, to: str) -> None:
         if device not in self.machine.devices or self.machine.devices[device].per_instance:
