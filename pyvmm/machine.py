@@ -74,7 +74,6 @@ class Attachment(Record):
     ports: tuple[tuple[int, int], ...] = ()  # (base, size) on the port-I/O bus
     mmio: tuple[tuple[int, int], ...] = ()  # (base, size) on the MMIO bus
     irqs: tuple[IrqLine | IrqfdLine, ...] = ()
-    per_instance: bool = False  # every instance has its own view (the debug-exit "power switch")
     partition: int | None = None  # the memory partition it is wired to (None: any)
 
 
@@ -136,10 +135,7 @@ class Machine:
         self.attach("com1", self.com1, ports=((COM1, UART_PORTS),), irqs=(com1_irq,))
         self.attach("com2", self.com2, ports=((COM2, UART_PORTS),), irqs=(com2_irq,))
         self.attach(
-            "debug-exit",
-            DebugExit(self._guest_exit),
-            ports=((DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE),),
-            per_instance=True,
+            "debug-exit", DebugExit(self._guest_exit), ports=((DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE),)
         )
 
         self._result: RunResult | None = None
@@ -163,14 +159,13 @@ class Machine:
         ports: tuple[tuple[int, int], ...] = (),
         mmio: tuple[tuple[int, int], ...] = (),
         irqs: tuple[IrqLine | IrqfdLine, ...] = (),
-        per_instance: bool = False,
         partition: int | None = None,
     ) -> Attachment:
         """Install a device on the node's buses under a unique name (``partition``: the
         memory partition whose OS it is wired to, None for any)."""
         if name in self.devices:
             raise ValueError(f"a device named {name!r} is already attached")
-        attachment = Attachment(name, device, ports, mmio, irqs, per_instance, partition)
+        attachment = Attachment(name, device, ports, mmio, irqs, partition)
         for base, size in ports:
             self.pio.register(base, size, device)
         for base, size in mmio:

@@ -31,7 +31,7 @@ from ..memory import Partition
 from .instance import RETIRED, OsInstance
 from .interrupts import IrqRouter
 from .isolation import SYMMETRIC, PartitionSlots
-from .ownership import build_views, partition_devices
+from .ownership import PER_INSTANCE, build_views, partition_devices
 from .timers import Alarm, event_in_delivery, interrupt_pending, timer_due_in
 
 DEVIRTUALIZED = "devirtualized"
@@ -162,8 +162,8 @@ class Microvisor:
         instance.record_image(kernel, cmdline)
         partitions = self.machine.memory.partitions[1:]
         others = {d for p in partitions for d in partition_devices(self.machine, p.index)}
-        for device, attachment in self.machine.devices.items():
-            if not attachment.per_instance and device not in others:
+        for device in self.machine.devices:
+            if device not in PER_INSTANCE and device not in others:
                 self._give(device, instance)
         self.instances[name] = instance
         self.current = instance
@@ -494,7 +494,7 @@ class Microvisor:
             log.warning("focus on %s: %s", name, exc)
 
     def _move(self, device: str, to: str) -> None:
-        if device not in self.machine.devices or self.machine.devices[device].per_instance:
+        if device not in self.machine.devices or device in PER_INSTANCE:
             raise MicrovisorError(f"no movable device named {device!r}")
         target = self.instances.get(to)
         if target is None or not target.live:

@@ -14,6 +14,10 @@ from ..devices.bus import Bus
 from ..machine import Attachment, Machine
 from .instance import OsInstance
 
+# Devices every instance has a view of and none owns: the debug-exit port is each
+# instance's own "power switch" (a write to it retires that instance only).
+PER_INSTANCE = frozenset({"debug-exit"})
+
 
 def partition_devices(machine: Machine, partition: int) -> list[str]:
     """The devices that belong to one partition's instance: its console (COMn+1) and
@@ -34,7 +38,7 @@ def build_views(
     instance.pio = _RefusingBus(instance, node_pio)
     instance.mmio = _RefusingBus(instance, node_mmio, ram_size)
     for attachment in attachments.values():
-        if attachment.per_instance or attachment.name in instance.devices:
+        if attachment.name in PER_INSTANCE or attachment.name in instance.devices:
             for base, size in attachment.ports:
                 instance.pio.register(base, size, attachment.device)
             for base, size in attachment.mmio:
