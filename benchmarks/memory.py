@@ -168,6 +168,7 @@ def main() -> None:
         "load_seconds": args.load_seconds,
         **out,
         "processes_last_round": {name: r["processes"] for name, r in last.items()},
+        "kvload_requests_last_round": {name: r["requests"] for name, r in last.items()},
         **conditions.to_json(),
     }
     parts = []
