@@ -20,6 +20,10 @@ host process, under the same clients on the same disk place, for a run as long a
 pyvmm's, half before and half after it (ABA). Its longest request in windows the
 length of an upgrade stands against each upgrade's longest stall; ``vs_native``
 gives the ratios (native_anchor.py).
+
+``--timeline``: for each upgrade, where its longest request's time went (phases, who
+had the vCPU, world switches, held interrupts) and the hand-off step by step, from the
+trace in the upgrade's report (stall_timeline.py); benchmarks/README.md reads one.
 """
 
 from __future__ import annotations

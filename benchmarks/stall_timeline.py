@@ -44,7 +44,9 @@ def breakdown(sample, report: dict) -> dict:
         if what == "switch":
             took_us = float(detail.split()[2].removesuffix("us"))
             to = "B" if detail.split()[1] == new else "A"
-            if t > start and t - took_us / 1e6 < end:
+            if t - took_us / 1e6 >= end:
+                continue  # after the request: it says nothing about who ran during it
+            if t > start:
                 switches += 1
                 switch_start = max(cursor, t - took_us / 1e6)
                 on_cpu[owner] += max(0.0, min(end, switch_start) - cursor)

@@ -483,7 +483,13 @@ class Microvisor:
             raise MicrovisorError("instances are paused only while virtualized")
         for other in self.live():
             other.paused = other is not instance
-        self._hand_over()  # reschedule now
+        with self.router.lock:
+            if instance is not self.current:
+                # Switched here, not at the next turn of the loop: when a waiting
+                # focus returns, ``name`` is on the vCPU (an upgrade asks A to release
+                # right after, and A gets the request at once).
+                self._switch(instance)
+        self._hand_over()  # the loop's next turn starts its slice
 
     def _focus_logged(self, name: str) -> None:
         if self.trace is not None:
