@@ -491,6 +491,7 @@ def test_slow_client_back_pressures_the_guest(nodes):
     guest.source_data = data
     sock = client(listen(nodes, node.device))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    guest.wait(lambda: guest.conns)  # connected (a loaded machine may take a while)
     time.sleep(0.5)  # not reading: kernel buffers fill, then our buffer, then credit
     with guest.lock:
         (conn,) = guest.conns.values()
@@ -716,7 +717,6 @@ def test_tiny_rx_buffers_are_returned_empty(nodes):
     guest.wait(lambda: (5000, 7000) in guest.resets_seen)
 
 
-@thread_only
 def test_broken_tx_ring_needs_reset_and_recovers(nodes):
     node = nodes()
     guest = node.boot()

@@ -62,6 +62,9 @@ class VhostUserDevice(VirtioBackend):
         self.partition = partition
         self.args = args or {}
         self.kick_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queue_sizes]
+        # every ring's SET_VRING_ERR: the back-end signals it when the guest broke a
+        # ring and it stopped serving (``check_error``)
+        self.err_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.error = ""  # why the back-end is unusable, while it is
         self.front: vu.FrontEnd | None = None
         self.features = 0
@@ -129,6 +132,10 @@ class VhostUserDevice(VirtioBackend):
                 transport.device_error(f"back-end: {self.error}")
                 return
             try:
+                os.eventfd_read(self.err_fd)  # an error of an earlier session
+            except BlockingIOError:
+                pass
+            try:
                 features = transport.driver_features
                 self.front.set_features(features | (vu.F_PROTOCOL_FEATURES * self._protocol))
                 for queue in transport.queues:
@@ -152,10 +159,23 @@ class VhostUserDevice(VirtioBackend):
         front.set_vring_addr(addr)
         front.set_vring_base(index, 0)
         front.set_vring_call(index, call_fd)
+        front.set_vring_err(index, self.err_fd)
         front.set_vring_kick(index, self.kick_fds[index])
         if self._protocol:
             front.set_vring_enable(index, True)
         self._running.add(index)
+
+    def check_error(self) -> None:
+        """Whether the back-end stopped serving this session (the guest broke a ring):
+        then the driver is told NEEDS_RESET. The transport asks when the driver reads
+        Status or InterruptStatus; the back-end interrupts when it stops."""
+        try:
+            os.eventfd_read(self.err_fd)
+        except (BlockingIOError, OSError):
+            return
+        transport = self.transport
+        if transport is not None:
+            transport.device_error("back-end: the driver broke a ring (see its status)")
 
     def notify(self, queue: int) -> None:
         """A QueueNotify that reached the VMM (not through the ioeventfd): pass it on."""
@@ -205,6 +225,8 @@ class VhostUserDevice(VirtioBackend):
         for fd in self.kick_fds:
             os.close(fd)
         self.kick_fds = []
+        os.close(self.err_fd)
+        self.err_fd = -1
 
     # --- failures --------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ class RingTransport:
         calls: list[int],
         kick_fds: list[int] | None = None,
         kicks: list[int] | None = None,
+        err_fds: list[int] | None = None,
     ) -> None:
         self.queues = queues
         self.call_fds = call_fds
@@ -68,6 +69,7 @@ class RingTransport:
         # front-end's counts to add to
         self.kick_fds = kick_fds or []
         self.kicks = kicks if kicks is not None else [0] * len(queues)
+        self.err_fds = err_fds or []
         self.errors = 0
         self.last_error = ""
         self._lock = threading.Lock()  # a call never races the fd's close
@@ -85,9 +87,19 @@ class RingTransport:
         pass  # no config changes reach a driver from a back-end process
 
     def device_error(self, message: str) -> None:
+        """The model stopped serving (the guest broke a ring): the front-end learns it
+        from the rings' error eventfd (SET_VRING_ERR), and an interrupt makes the
+        driver look (it reads InterruptStatus from the VMM, which then checks)."""
         log(ERROR, "back-end: ring stopped: %s", message)
         self.errors += 1
         self.last_error = message
+        with self._lock:
+            if self._stopped:
+                return
+            for fds in (self.err_fds, self.call_fds):
+                fd = next((fd for fd in fds if fd >= 0), -1)
+                if fd >= 0:
+                    os.eventfd_write(fd, 1)
 
     def stop(self) -> None:
         with self._lock:
@@ -161,7 +173,8 @@ class FrontEnd(vu.BackEnd):
             queues.append(queue)
         calls = [v.call for v in self.vrings]
         kicks = [v.kick for v in self.vrings]
-        self.transport = RingTransport(queues, calls, self.calls, kicks, self.kicks)
+        errs = [v.err for v in self.vrings]
+        self.transport = RingTransport(queues, calls, self.calls, kicks, self.kicks, errs)
         self.model.activate(self.transport)  # type: ignore[arg-type]
 
     def _note_error(self, message: str) -> None:

@@ -364,6 +364,9 @@ class FrontEnd:
     def set_vring_call(self, index: int, fd: int | None) -> None:
         self._vring_fd(Request.SET_VRING_CALL, index, fd)
 
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        self._vring_fd(Request.SET_VRING_ERR, index, fd)
+
     def set_vring_enable(self, index: int, enable: bool) -> None:
         self._call(Request.SET_VRING_ENABLE, VRING_STATE.pack(index, int(enable)))
 
@@ -377,6 +380,7 @@ class Vring(Record):
     base: int = 0  # next available index to take
     kick: int = -1
     call: int = -1
+    err: int = -1  # the back-end signals it when the guest broke the ring
     enabled: bool = False
     started: bool = False
 
@@ -575,7 +579,7 @@ class BackEnd:
                 index, _ = VRING_STATE.unpack(msg.payload)
                 ring = self._vring(index)
                 ring.started = ring.enabled = False  # the standard way to stop a ring
-                for attr in ("kick", "call"):
+                for attr in ("kick", "call", "err"):
                     if getattr(ring, attr) >= 0:
                         os.close(getattr(ring, attr))
                         setattr(ring, attr, -1)
@@ -585,8 +589,7 @@ class BackEnd:
             case Request.SET_VRING_CALL:
                 self._set_vring_fd(msg, "call")
             case Request.SET_VRING_ERR:
-                (value,) = U64.unpack(msg.payload)
-                self._vring(value & VRING_INDEX_MASK)  # errors are not reported: fd unused
+                self._set_vring_fd(msg, "err")
             case Request.SET_VRING_ENABLE:
                 index, enable = VRING_STATE.unpack(msg.payload)
                 if not self.features & F_PROTOCOL_FEATURES or enable > 1:
@@ -620,7 +623,7 @@ class BackEnd:
     def reset(self) -> None:
         """Forget everything (RESET_OWNER, or the connection closed)."""
         for ring in self.vrings:
-            for fd in (ring.kick, ring.call):
+            for fd in (ring.kick, ring.call, ring.err):
                 if fd >= 0:
                     os.close(fd)
         self.vrings = [Vring() for _ in self.vrings]

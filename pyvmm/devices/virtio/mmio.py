@@ -252,9 +252,14 @@ class VirtioMmioTransport(Device):
             return int(queue is not None and queue.ready)
         if offset == INTERRUPT_STATUS:
             # A back-end in another process interrupts through the irqfd and the VMM
-            # never sees it: report the used-buffer bit always (as Firecracker does).
+            # never sees it: report the used-buffer bit always (as Firecracker does),
+            # and ask it whether it stopped serving (it interrupts when it does).
+            if self._bypass:
+                self.backend.check_error()
             return self.interrupt_status | (INT_USED_BUFFER if self._bypass else 0)
         if offset == STATUS:
+            if self._bypass:
+                self.backend.check_error()
             return self.status | (STATUS_NEEDS_RESET if self.needs_reset else 0)
         if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
             return 0xFFFF_FFFF  # no shared memory regions
