@@ -77,11 +77,11 @@ def disk(tmp_path):
     return path
 
 
-@pytest.fixture
+@pytest.fixture(params=["thread", "process"])
 def webkv(kernels, disk, request):
-    """The service; ``parametrize("webkv", ["process"], indirect=True)`` serves its disk
-    from a back-end process (vhost-user) instead of a VMM thread."""
-    service = WebKv(kernels, disk, backends=getattr(request, "param", "thread"))
+    """The service, with its vsock and disk served by VMM threads, then by back-end
+    processes (vhost-user): every service test runs with both."""
+    service = WebKv(kernels, disk, backends=request.param)
     yield service
     service.stop()
 
@@ -92,11 +92,7 @@ def curl(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-BACKENDS = pytest.mark.parametrize("webkv", ["thread", "process"], indirect=True)
-
-
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-@BACKENDS
 def test_curl_put_get_delete_status(webkv):
     base = f"http://127.0.0.1:{webkv.port}"
     put = curl(webkv.port, "-X", "PUT", "--data-binary", "hello world", f"{base}/kv/greeting")
@@ -114,7 +110,6 @@ def test_curl_put_get_delete_status(webkv):
     assert curl(webkv.port, f"{base}/").stdout.splitlines()[-1] == "200"
 
 
-@BACKENDS
 def test_100_concurrent_keepalive_clients(webkv):
     errors: list[str] = []
 
