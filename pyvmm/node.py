@@ -28,10 +28,16 @@ from .record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
     from .backends.blk_front import BlkProcess
+    from .backends.process import BackendProcess
     from .devices.virtio import HostListener, VirtioBlk, VirtioVsock
     from .devices.virtio.blk import WriteLease
     from .devices.virtio.blk_journal import WriteJournal
+
+    P = TypeVar("P", bound=BackendProcess)
 
 FIRST_GUEST_CID = 3
 # Set to a path: the disk's writes and flushes are recorded there (blk_journal.py), so
@@ -178,52 +184,68 @@ def _add_process_vsocks(machine: Machine, devices: ServiceDevices) -> None:
     """One back-end process for every partition's vsock front-end (each mapping only
     its partition); it owns the host side of the streams, the VMM the listening
     sockets (``backends.vsock_front``)."""
-    from .backends.process import BackendError
     from .backends.vsock_front import ProcessVsock, VsockProcess
 
-    try:
-        process = VsockProcess()
-    except (BackendError, OSError) as exc:
-        raise UsageError(f"the vsock back-end process: {exc}") from None
-    for partition in machine.memory.partitions:
-        name = f"vsock{partition.index}"
-        window = (partition.base, partition.size)
-        cid = FIRST_GUEST_CID + partition.index
-        try:
-            vsock = ProcessVsock(process, machine.memory, window, cid, name, partition.index)
-        except (BackendError, OSError) as exc:
-            for front in devices.vsocks:
-                front.close()
-            process.close()
-            raise UsageError(f"{name}: {exc}") from None
-        machine.attach_virtio(name, vsock, partition.index)
-        devices.vsocks.append(vsock)  # type: ignore[arg-type]
+    _start_fronts(
+        machine,
+        VsockProcess,
+        "vsock",
+        lambda process, name, window, index: ProcessVsock(
+            process, machine.memory, window, FIRST_GUEST_CID + index, name, index
+        ),
+        devices.vsocks,
+        "the vsock back-end process",
+    )
 
 
 def _add_process_disks(machine: Machine, disk: str, devices: ServiceDevices) -> BlkProcess:
     """One back-end process for the disk, a front-end per partition in it, each
     mapping only its partition; the process holds the write lease."""
     from .backends.blk_front import BlkProcess, ProcessBlk
-    from .backends.process import BackendError
 
     if os.environ.get(DISK_JOURNAL_ENV):
         raise UsageError(f"{DISK_JOURNAL_ENV} needs --device-backends thread")
     if not os.path.isfile(disk):
         raise UsageError(f"--disk {disk}: not a file")
+    return _start_fronts(
+        machine,
+        lambda: BlkProcess(disk),
+        "blk",
+        lambda process, name, window, index: ProcessBlk(
+            process, machine.memory, window, name, index
+        ),
+        devices.disks,
+        f"--disk {disk}",
+    )
+
+
+def _start_fronts(
+    machine: Machine,
+    start: Callable[[], P],
+    kind: str,
+    make: Callable[[P, str, tuple[int, int], int], object],
+    fronts: list,
+    what: str,
+) -> P:
+    """A back-end process (``start()``) and a front-end per partition on it
+    (``make(process, name, window, partition index)``), attached for that partition's
+    instance and appended to ``fronts``. If one cannot be made, those made so far and
+    the process are closed; the error is the user's (``what``: which option or part)."""
+    from .backends.process import BackendError
+
     try:
-        process = BlkProcess(disk)
+        process = start()
     except (BackendError, OSError) as exc:
-        raise UsageError(f"--disk {disk}: {exc}") from None
+        raise UsageError(f"{what}: {exc}") from None
     for partition in machine.memory.partitions:
-        name = f"blk{partition.index}"
-        window = (partition.base, partition.size)
+        name = f"{kind}{partition.index}"
         try:
-            backend = ProcessBlk(process, machine.memory, window, name, partition.index)
+            front = make(process, name, (partition.base, partition.size), partition.index)
         except (BackendError, OSError) as exc:
-            for front in devices.disks:
-                front.close()
+            for made in fronts:
+                made.close()
             process.close()
-            raise UsageError(f"--disk {disk}: {name}: {exc}") from None
-        machine.attach_virtio(name, backend, partition.index)
-        devices.disks.append(backend)  # type: ignore[arg-type]
+            raise UsageError(f"{what}: {name}: {exc}") from None
+        machine.attach_virtio(name, front, partition.index)
+        fronts.append(front)
     return process
