@@ -202,6 +202,31 @@ def test_a_paused_instance_gets_no_vcpu_time_until_resumed(node):
     node.run_with(script)
 
 
+def test_focus_gives_one_instance_the_vcpu_alone_at_once(node):
+    def script(n: Node) -> None:
+        n.mv.virtualize()
+        with pytest.raises(MicrovisorError, match="no running instance"):
+            n.mv.focus("b")
+        n.mv.start(n.kernel("probe.elf"), "console=ttyS1 probe=spin", name="b")
+        time.sleep(0.1)
+        for name, other in (("b", "a"), ("a", "b"), ("b", "a")):
+            n.mv.focus(name)
+            assert n.mv.current is n.mv.instances[name]  # switched before it returned
+            paused = {i["name"]: i["paused"] for i in n.mv.status()["instances"]}
+            assert paused == {name: False, other: True}
+            slices = n.mv.instances[other].slices
+            time.sleep(0.2)  # both spin, yet no slice ends: the other is not scheduled
+            assert n.mv.instances[other].slices == slices
+            assert n.mv.current is n.mv.instances[name]
+        n.mv.focus("a", wait=False)  # posted: taken by the vCPU thread soon after
+        deadline = time.monotonic() + 5
+        while n.mv.current is not n.mv.instances["a"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert n.mv.current is n.mv.instances["a"] and n.mv.instances["b"].paused
+
+    node.run_with(script)
+
+
 def test_access_to_another_instances_device_is_refused(node):
     def script(n: Node) -> None:
         n.mv.virtualize()

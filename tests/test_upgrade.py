@@ -166,6 +166,21 @@ def status_on(conn: http.client.HTTPConnection) -> dict:
     return json.loads(response.read())
 
 
+HANDOFF_STEPS = (
+    "vCPU to A alone",
+    "listeners detached; release asked",
+    "A released",
+    "vCPU to B alone (posted)",
+    "disk lease moved",
+    "listeners attached; acquire asked",
+    "B serving",
+)
+
+
+def steps_at(trace: list, step: str) -> float:
+    return next(ms for ms, what, _ in trace if what == step)
+
+
 def test_upgrade_under_load_loses_nothing(node):
     before = leak_counters(node)
     load = KvLoad(node.port).start()
@@ -187,6 +202,15 @@ def test_upgrade_under_load_loses_nothing(node):
         r"^\[b\] webkv: recovered records=(\d+) .* continued=1 ", timeout=5
     )
     assert 0 < int(following[1]) <= int(recovered[1])
+    # The hand-off in the report's trace: its steps in order, and one world switch (to
+    # B) from the release to B serving: A released alone on the vCPU, B acquired alone.
+    trace = report["result"]["trace"]
+    steps = [what for _, what, _ in trace if what in HANDOFF_STEPS]
+    assert steps == list(HANDOFF_STEPS), trace
+    asked = steps_at(trace, "listeners detached; release asked")
+    serving = steps_at(trace, "B serving")
+    switches = [d for ms, what, d in trace if what == "switch" and asked <= ms <= serving]
+    assert len(switches) == 1 and switches[0].startswith("to b "), trace
     assert json.loads(node.get("/status")[1])["version"] == "v2"
     assert node.lost_on_disk(load) == [] and load.writes > 50
     assert load.deleted and len(load.acked) > 50  # deletes and overwrites were checked too
