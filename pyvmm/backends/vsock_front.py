@@ -47,7 +47,12 @@ class VsockProcess(BackendProcess):
         os.ftruncate(self._counters_fd, COUNTERS_SIZE)
         self._counters = mmap.mmap(self._counters_fd, COUNTERS_SIZE)
         self._listeners_lock = threading.Lock()
-        super().__init__("pyvmm.backends.vsock", [], name)
+        try:
+            super().__init__("pyvmm.backends.vsock", [], name)
+        except BaseException:
+            self._counters.close()
+            os.close(self._counters_fd)
+            raise
         try:
             self.request("counters", [self._counters_fd])
         except BackendError:
