@@ -38,7 +38,7 @@ from pathlib import Path
 import harness
 from common import report
 from native_anchor import NativeRun, versus_native
-from stall_timeline import breakdown, summary_line
+from stall_timeline import breakdown, slow_by_phase, summary_line
 
 from pyvmm.control_client import call
 
@@ -134,6 +134,7 @@ def main() -> None:
     for entry, outcome in zip(per_upgrade, outcomes, strict=True):
         entry["outcome"] = outcome
     baseline = [s.ms for s in load.samples if not any(overlaps(s, t) for t in timelines)]
+    slow = slow_by_phase(load.samples, timelines, percentile(baseline, 0.99))
     stalls = [u["max_stall_ms"] for u in per_upgrade]
     result = {
         "benchmark": "downtime",
@@ -155,6 +156,7 @@ def main() -> None:
         "baseline_max_ms": round(max(baseline, default=0.0), 3),
         "baseline_p99_ms": round(percentile(baseline, 0.99), 3),
         "per_upgrade": per_upgrade,
+        **({"slower_than_baseline_p99_by_phase_sent": slow} if args.timeline else {}),
         "upgrade_total_ms_median": round(statistics.median(totals), 1),
         # What memory isolation can add to an upgrade: its world switches, each with a
         # slot change (median over the node's life; docs/decisions.md, isolation).

@@ -119,3 +119,22 @@ def summary_line(index: int, entry: dict) -> str:
         f"{vcpu['A']:.1f} B {vcpu['B']:.1f} switching {vcpu['switching']:.1f} ms "
         f"({entry['world_switches']} switches, {entry['held_interrupts']} held irqs); {steps}"
     )
+
+
+def slow_by_phase(samples, timelines: list[list[dict]], threshold_ms: float) -> dict[str, int]:
+    """The requests during upgrades slower than ``threshold_ms`` (the run's p99 outside
+    the upgrades), counted by the phase they were sent in: what makes the p99 during
+    upgrades. ``timelines``: each upgrade's phases on the samples' clock."""
+    counts: dict[str, int] = {}
+    for timeline in timelines:
+        for sample in samples:
+            if sample.ms <= threshold_ms:
+                continue
+            if not (timeline[0]["start"] <= sample.end and sample.start <= timeline[-1]["end"]):
+                continue
+            phase = next(
+                (p["phase"] for p in timeline if p["start"] <= sample.start <= p["end"]),
+                "before",
+            )
+            counts[phase] = counts.get(phase, 0) + 1
+    return counts
