@@ -10,8 +10,11 @@ webkv-v1 is booted as webkv.py boots it (a disk, a forwarded port), with
 ``--device-backends thread`` and ``process`` alternated by the harness; each run
 samples once idle (``--settle`` seconds after webkv answers), polls during
 examples/kvload.py's clients (``--load-seconds``, the peak) and once after them.
+``--armed`` adds a control socket: the node as it runs ready for an upgrade (two
+partitions, the microvisor, the control server).
 
     python benchmarks/memory.py [--backends thread,process] [--rounds 3] [--load-seconds 5]
+        [--armed]
 """
 
 from __future__ import annotations
@@ -90,9 +93,9 @@ def split_mib(vmm: int, per_pid: dict[int, int]) -> tuple[float, float, int]:
     )
 
 
-def run(backends: str, settle_s: float, load_s: float, disk_dir: str) -> dict:
+def run(backends: str, settle_s: float, load_s: float, disk_dir: str, armed: bool) -> dict:
     server = "pyvmm-process" if backends == "process" else "pyvmm"
-    with serving(server, disk_dir, settle_s + load_s + 120) as node:
+    with serving(server, disk_dir, settle_s + load_s + 120, armed) as node:
         sampler = Sampler(node.process.pid)
         time.sleep(settle_s)
         idle = sampler.sample()
@@ -141,6 +144,9 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before a sample")
     parser.add_argument("--load-seconds", type=float, default=5.0, help="kvload's run")
     parser.add_argument("--disk-dir", default="/dev/shm", help="where the disk image goes")
+    parser.add_argument(
+        "--armed", action="store_true", help="with --control: two partitions, the microvisor"
+    )
     parser.add_argument("--aa", default=None, help="A/A: this configuration against itself")
     harness.add_arguments(parser, harness.Plan(min_rounds=3, max_rounds=3, warmup=0))
     args = parser.parse_args()
@@ -150,7 +156,7 @@ def main() -> None:
 
     def runner(name: str):
         def once() -> dict[str, float]:
-            result = run(name, args.settle, args.load_seconds, args.disk_dir)
+            result = run(name, args.settle, args.load_seconds, args.disk_dir, args.armed)
             if result["failures"]:
                 raise SystemExit(f"{name}: {result['failures']} kvload requests failed")
             last[name] = result
@@ -164,6 +170,7 @@ def main() -> None:
         "benchmark": "memory",
         "what": "sum of Rss - RssShmem (/proc/PID/status) over the VMM and its back-end processes",
         "goal_mib": {"vmm": GOAL_VMM_MIB, "vmm_and_backends": GOAL_TOTAL_MIB},
+        "armed": args.armed,
         "settle_s": args.settle,
         "load_seconds": args.load_seconds,
         **out,
@@ -187,7 +194,8 @@ def main() -> None:
         )
     report(
         result,
-        f"memory ({out['method']['rounds']} rounds, Rss - RssShmem, goal VMM <= {GOAL_VMM_MIB}, "
+        f"memory ({out['method']['rounds']} rounds{', armed' if args.armed else ''}, "
+        f"Rss - RssShmem, goal VMM <= {GOAL_VMM_MIB}, "
         f"with back-ends <= {GOAL_TOTAL_MIB} MiB): " + "; ".join(parts),
     )
 

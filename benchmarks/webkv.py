@@ -110,8 +110,11 @@ def wrk(
     }
 
 
-def server_command(server: str, disk: Path, port: int, timeout_s: float) -> list[str]:
-    """webkv-v1 under pyvmm, or webkv-native: same sources, disk and port mapping."""
+def server_command(
+    server: str, disk: Path, port: int, timeout_s: float, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """webkv-v1 under pyvmm (``extra``: more of pyvmm's options), or webkv-native: same
+    sources, disk and port mapping."""
     if server == "native":
         return [str(KERNELS / "webkv-native"), f"disk={disk}", f"forward=127.0.0.1:{port}=80"]
     backends = ["--device-backends", "process"] if server == "pyvmm-process" else []
@@ -126,6 +129,7 @@ def server_command(server: str, disk: Path, port: int, timeout_s: float) -> list
         "--timeout",
         str(timeout_s),
         *backends,
+        *extra,
     ]
 
 
@@ -173,15 +177,19 @@ def _process_cpu_s(pid: int) -> float:
 
 
 @contextmanager
-def serving(server: str, disk_dir: str | None, timeout_s: float = 600) -> Iterator[Server]:
+def serving(
+    server: str, disk_dir: str | None, timeout_s: float = 600, armed: bool = False
+) -> Iterator[Server]:
     """webkv (``server``: pyvmm or native) on a fresh 64 MiB disk in ``disk_dir``,
-    up and answering; kills it afterwards."""
+    up and answering; kills it afterwards. ``armed``: pyvmm with a control socket
+    (a spare partition, the microvisor), as a node ready for upgrades runs."""
     with tempfile.TemporaryDirectory(dir=disk_dir) as tmp:
         disk = Path(tmp) / "kv.img"
         with open(disk, "wb") as f:
             f.truncate(64 << 20)
         port = free_port()
-        command = server_command(server, disk, port, timeout_s)
+        extra = ("--control", str(Path(tmp) / "node.sock")) if armed else ()
+        command = server_command(server, disk, port, timeout_s, extra)
         node = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_for_port(port)
