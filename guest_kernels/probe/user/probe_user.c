@@ -5,7 +5,7 @@
  *                debug-exit port: KVM completes it in its instruction emulator
  *   user-fault   read an unmapped address: CRASH ... cpl=3, exit 3
  *   clock        steps=+1 clock_ns lines 100 ms apart (steps= default 10;
- *                busy-waiting on the clock)
+ *                busy-waiting on the clock), then clock_t0 (when the first was due)
  *   timer        LAPIC timer at hz= (default 100), wait_interrupt until 1 s passed
  *   syscall      1000 null syscalls, cycles per call
  *   user-map     SYS_map: the IOAPIC window (read its version register at CPL3),
@@ -60,6 +60,7 @@ static int clock_lines(void)
 			;
 		uprintf("probe: clock_ns=%lu\n", sys_clock_ns());
 	}
+	uprintf("probe: clock_t0=%lu\n", t0);	/* reading i is due at t0 + i * 100 ms */
 	return 0;
 }
 
