@@ -155,10 +155,15 @@ def kvload(
 
 
 class Server:
-    """A running webkv: its port and process."""
+    """A running webkv: its port, process and disk image."""
 
-    def __init__(self, port: int, process: subprocess.Popen) -> None:
-        self.port, self.process = port, process
+    def __init__(self, port: int, process: subprocess.Popen, disk: Path) -> None:
+        self.port, self.process, self.disk = port, process, disk
+
+    def kill(self) -> None:
+        """SIGKILL: the disk image is then what a fresh start would recover."""
+        self.process.kill()
+        self.process.wait()
 
     def cpu_s(self) -> float:
         """CPU time the server process and its children (back-end processes) have
@@ -193,7 +198,7 @@ def serving(
         node = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_for_port(port)
-            yield Server(port, node)
+            yield Server(port, node, disk)
         finally:
             node.kill()
             node.wait()
