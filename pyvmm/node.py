@@ -203,13 +203,11 @@ def _add_process_disks(machine: Machine, disk: str, devices: ServiceDevices) -> 
     mapping only its partition; the process holds the write lease."""
     from .backends.blk_front import BlkProcess, ProcessBlk
 
-    if os.environ.get(DISK_JOURNAL_ENV):
-        raise UsageError(f"{DISK_JOURNAL_ENV} needs --device-backends thread")
     if not os.path.isfile(disk):
         raise UsageError(f"--disk {disk}: not a file")
     return _start_fronts(
         machine,
-        lambda: BlkProcess(disk),
+        lambda: BlkProcess(disk, journal=os.environ.get(DISK_JOURNAL_ENV) or None),
         "blk",
         lambda process, name, window, index: ProcessBlk(
             process, machine.memory, window, name, index

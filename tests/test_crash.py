@@ -40,6 +40,30 @@ def test_an_image_after_a_power_cut_keeps_only_flushed_writes():
     assert image_at(base, records, 7.0) == b"aabbcc\0\0"
 
 
+def test_a_journal_is_continued_after_its_writer_died(tmp_path):
+    """A disk back-end process restarted on the journal: the torn record its
+    predecessor died in is cut off, and a flush covers the writes of both."""
+    from pyvmm.devices.virtio.blk_journal import WriteJournal
+
+    path = str(tmp_path / "disk.journal")
+    first = WriteJournal(path)
+    first.write(0, b"aa")
+    first.close()
+    with open(path, "ab") as f:
+        f.write(b"W" + b"\0" * 10)  # torn: the writer was killed mid-append
+    second = WriteJournal(path)
+    second.write(2, b"bb")
+    second.flushed(second.flush_issued())
+    second.close()
+    records = read_journal(path)
+    assert [(r.kind, r.offset, r.data) for r in records] == [
+        (WRITE, 0, b"aa"),
+        (WRITE, 2, b"bb"),
+        (FLUSH, 2, b""),
+    ]
+    assert image_at(b"\0" * 4, records, records[-1].time) == b"aabb"
+
+
 @pytest.mark.kvm
 def test_a_handful_of_kills_and_power_cuts_lose_nothing():
     import crash_soak

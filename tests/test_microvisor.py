@@ -26,11 +26,14 @@ class Node:
         cmdline: str = "probe=spin",
         mem: int = 256 * MiB,
         devices: Callable[[Machine], object] | None = None,  # attaches more devices
+        shared_memory: bool = False,  # guest RAM in a memfd, for back-end processes
     ) -> None:
         self.kernels = kernels
         self.out = bytearray()
         self.lock = threading.Lock()
-        self.machine = Machine(mem, partitions=2, console=self._write, console2=self._write)
+        self.machine = Machine(
+            mem, 2, console=self._write, console2=self._write, shared_memory=shared_memory
+        )
         if devices is not None:
             devices(self.machine)
         self.mv = Microvisor(self.machine)

@@ -18,6 +18,7 @@ from test_upgrade import free_port, status_on
 from test_virtio_blk import header
 from test_virtio_driver import GuestDriver, no_backend_crash  # noqa: F401
 
+from pyvmm.backends import default_device_backends
 from pyvmm.backends.vsock_front import ProcessVsock
 from pyvmm.devices.virtio import blk as b
 from pyvmm.devices.virtio import mmio as m
@@ -217,11 +218,20 @@ def test_a_rollback_after_the_new_instance_took_the_clients_closes_none(kernels,
     port = free_port()
     services: list[ServiceDevices] = []
 
+    backends = default_device_backends()  # PYVMM_DEVICE_BACKENDS: both kinds
+
     def service_devices(machine) -> None:
         forwards = (Forward("127.0.0.1", port, 80),)
-        services.append(add_service_devices(machine, str(disk), forwards))
+        services.append(add_service_devices(machine, str(disk), forwards, backends))
 
-    node = Node(kernels, "webkv-v1.elf", "", mem=512 * MiB, devices=service_devices)
+    node = Node(
+        kernels,
+        "webkv-v1.elf",
+        "",
+        mem=512 * MiB,
+        devices=service_devices,
+        shared_memory=backends == "process",
+    )
     seen: dict[str, object] = {}
 
     def script(n: Node) -> None:

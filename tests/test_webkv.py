@@ -30,8 +30,9 @@ def free_port() -> int:
 
 class WebKv:
     def __init__(
-        self, kernels, disk, version: str = "v1", backends: str = "thread", *extra: str
+        self, kernels, disk, version: str = "v1", backends: str | None = None, *extra: str
     ) -> None:
+        """``backends``: --device-backends; None: the default (PYVMM_DEVICE_BACKENDS)."""
         self.port = free_port()
         args = [
             "boot",
@@ -46,8 +47,7 @@ class WebKv:
             "console=ttyS0 name=test",
             "--timeout",
             "300",
-            "--device-backends",
-            backends,
+            *(["--device-backends", backends] if backends else []),
             *extra,
         ]
         self.guest = GuestProcess(args)

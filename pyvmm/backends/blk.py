@@ -1,6 +1,8 @@
 """The virtio-blk back-end process: ``python -m pyvmm.backends.blk --control PATH
---disk FILE [--read-only] [--parent PID]``, one per disk, serving the front-end of
-every partition (``host``).
+--disk FILE [--read-only] [--journal PATH] [--parent PID]``, one per disk, serving the
+front-end of every partition (``host``). ``--journal``: every write and flush is
+recorded there for power-cut checks (``devices.virtio.blk_journal``,
+``PYVMM_DISK_JOURNAL``).
 
 Each front-end's requests are served by the in-process device model itself
 (``devices.virtio.blk.VirtioBlk``: request parsing, I/O, worker thread, unchanged)
@@ -69,18 +71,26 @@ class BlkType(DeviceType):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--disk", required=True, help="the disk image")
         parser.add_argument("--read-only", action="store_true")
+        parser.add_argument("--journal", help="record writes and flushes (blk_journal.py)")
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
         self.lease = WriteLease()
         self.holder: str | None = None
         self.faults = Faults()
+        self.journal = None
+        if args.journal:  # tests only: the journal's module is not imported otherwise
+            from ..devices.virtio.blk_journal import WriteJournal
+
+            self.journal = WriteJournal(args.journal)
 
     def create(self, name: str, partition: int, args: dict[str, object]) -> VirtioBlk:
         if args:
             raise ValueError(f"blk takes no front-end args ({sorted(args)})")
         disk, read_only = self.args.disk, self.args.read_only
-        return BlkModel(self.faults, disk, read_only=read_only, lease=self.lease)
+        return BlkModel(
+            self.faults, disk, read_only=read_only, lease=self.lease, journal=self.journal
+        )
 
     def removed(self, name: str, model: VirtioBlk) -> None:  # type: ignore[override]
         if self.holder == name:

@@ -20,13 +20,18 @@ LEASE_DEATH_WAIT_S = 1.0  # a lease move that failed: how long to wait for the o
 class BlkProcess(BackendProcess):
     """The back-end process of one disk image."""
 
-    def __init__(self, path: str, read_only: bool = False, name: str = "blk") -> None:
+    def __init__(
+        self, path: str, read_only: bool = False, name: str = "blk", journal: str | None = None
+    ) -> None:
+        """``journal``: a file the process records every write and flush in."""
         if not os.path.isfile(path):
             raise BackendError(f"{path}: not a file")
         self.path = path
         self.capacity = os.stat(path).st_size // SECTOR
         self.holder: ProcessBlk | None = None  # the front-end that may write
-        super().__init__("pyvmm.backends.blk", ["--disk", path, *["--read-only"] * read_only], name)
+        args = ["--disk", path, *["--read-only"] * read_only]
+        args += ["--journal", journal] if journal else []
+        super().__init__("pyvmm.backends.blk", args, name)
 
     def grant(self, front: ProcessBlk | None) -> None:
         """Move the write lease to ``front`` (None: nobody writes); returns once the

@@ -30,12 +30,19 @@ WRITE, FLUSH = b"W", b"F"
 
 class WriteJournal:
     """Shared by every front-end of one image (their writes are serialised by the
-    write lease; the journal's lock orders the records)."""
+    write lease; the journal's lock orders the records). A journal that already has
+    records (a disk back-end process restarted on it) is continued: its torn last
+    record, if any, is cut off and its writes are counted, so flushes go on covering
+    the right ones."""
 
     def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._lock = threading.Lock()
-        self.writes = 0
+        with open(self._fd, "rb", closefd=False) as f:
+            blob = f.read()
+        end, self.writes = _whole_records(blob)
+        if end < len(blob):
+            os.ftruncate(self._fd, end)
 
     def write(self, offset: int, data: bytes) -> None:
         with self._lock:
@@ -70,6 +77,19 @@ def read_journal(path: str) -> list[Record]:
     with open(path, "rb") as f:
         blob = f.read()
     return list(_records(blob))
+
+
+def _whole_records(blob: bytes) -> tuple[int, int]:
+    """Where the last whole record of ``blob`` ends, and how many writes it holds."""
+    pos = writes = 0
+    while pos + _RECORD.size <= len(blob):
+        kind, _, _, length = _RECORD.unpack_from(blob, pos)
+        size = _RECORD.size + (length if kind == WRITE else 0)
+        if kind not in (WRITE, FLUSH) or pos + size > len(blob):
+            break
+        pos += size
+        writes += kind == WRITE
+    return pos, writes
 
 
 def _records(blob: bytes) -> Iterator[Record]:
