@@ -4,9 +4,9 @@ Python guest (the test driver) speaking the vsock protocol from the guest side.
 Every test runs twice (the ``nodes`` fixture): with the device model in this process
 ("thread") and served by the vsock back-end process through vhost-user and its control
 channel ("process", ``pyvmm.backends.vsock``), guest RAM then a memfd it maps, kicks
-and interrupts eventfds. A test that looks inside the device model's state runs with
-"thread" only (``thread_only``): the process's state is reachable only through its
-status."""
+and interrupts eventfds. What a test reads of the device's state comes from the model
+itself with "thread" and from the back-end's status with "process" (``streams``,
+``parked`` and the other helpers below)."""
 
 from __future__ import annotations
 
@@ -335,10 +335,6 @@ def nodes(request):
         process.close()
 
 
-# Run with the device model in this process only: the test reads its internal state.
-thread_only = pytest.mark.parametrize("nodes", ["thread"], indirect=True)
-
-
 def listen(nodes, device, guest_port=PORT, **kw) -> HostListener | RemoteListener:
     listener = device.forward("127.0.0.1", 0, guest_port, **kw)
     nodes.listeners.append(listener)
@@ -364,6 +360,32 @@ def unanswered(device: v.VirtioVsock | ProcessVsock) -> list[int]:
     if isinstance(device, ProcessVsock):
         return device.counts()["unanswered"]
     return [len(c.unanswered) for c in host_conns(device)]
+
+
+def streams(device: v.VirtioVsock | ProcessVsock) -> list[dict]:
+    """Per stream: state, rx_cnt, fwd_cnt (guest → host bytes received, forwarded)."""
+    if isinstance(device, ProcessVsock):
+        return device.counts()["streams"]
+    with device._lock:
+        return [
+            {"state": c.state, "rx_cnt": c.rx_cnt, "fwd_cnt": c.fwd_cnt}
+            for c in device._conns.values()
+        ]
+
+
+def reply_bytes(listener: HostListener | RemoteListener) -> list[int]:
+    """Per parked connection, the guest's bytes still to be written to the client."""
+    if isinstance(listener, RemoteListener):
+        return listener.status()["reply_bytes"]
+    return [len(p.reply) for p in listener.pending]
+
+
+def pending_replies(device: v.VirtioVsock | ProcessVsock) -> int:
+    """Control packets (RST to unknown streams) waiting for rx buffers."""
+    if isinstance(device, ProcessVsock):
+        return device.counts()["pending_replies"]
+    with device._lock:
+        return len(device._control)
 
 
 def queue_errors(node: Node, queue: int) -> int:
@@ -830,7 +852,6 @@ def test_handed_back_connection_moves_with_its_unread_request(nodes):
         assert len(gb.conns) == 1
 
 
-@thread_only
 def test_reply_still_in_flight_is_delivered_after_a_hand_back(nodes):
     # A sends 16 MiB, then hands the stream back.
     a, ga, b, _, listener = two_services(nodes, "handback", buf_alloc=16 << 20)
@@ -844,13 +865,12 @@ def test_reply_still_in_flight_is_delivered_after_a_hand_back(nodes):
     sock.connect(listener.address)
 
     def established() -> bool:
-        with a.device._lock:
-            return any(c.state == ESTABLISHED for c in a.device._conns.values())
+        return any(s["state"] == ESTABLISHED for s in streams(a.device))
 
     until(established)  # detaching earlier would give back an unanswered request
     listener.detach()
-    until(lambda: listener.pending)
-    assert listener.pending[0].reply  # carried over: A's stream is gone
+    until(lambda: parked(listener))
+    assert reply_bytes(listener)[0] > 0  # carried over: A's stream is gone
     assert a.device.connections == 0
     listener.attach(b.device)
     assert hashlib.sha256(recv_exactly(sock, 16 << 20)).digest() == (
@@ -858,15 +878,9 @@ def test_reply_still_in_flight_is_delivered_after_a_hand_back(nodes):
     )
     sock.sendall(b"after")
     assert recv_exactly(sock, 5) == b"after"
-    # A's bytes were not counted against B's stream (read under the device's lock:
-    # the client can have the bytes a moment before the count moves)
-    (host_side,) = b.device._conns.values()
-
-    def counted() -> tuple[int, int]:
-        with b.device._lock:
-            return host_side.rx_cnt, host_side.fwd_cnt
-
-    until(lambda: counted() == (5, 5))
+    # A's bytes were not counted against B's stream (the client can have the bytes a
+    # moment before the count moves)
+    until(lambda: [(s["rx_cnt"], s["fwd_cnt"]) for s in streams(b.device)] == [(5, 5)])
 
 
 def test_refusals_are_retried_while_the_new_service_starts(nodes):
@@ -947,7 +961,6 @@ def test_connection_cap_leaves_the_rest_waiting(nodes):
     assert recv_exactly(socks[3], 1) == b"3"
 
 
-@thread_only
 def test_reply_flood_without_rx_buffers_is_bounded(nodes):
     node = nodes()
     node.guest_kw = {"rx_buffers": 0}  # the guest never takes the replies
@@ -957,9 +970,9 @@ def test_reply_flood_without_rx_buffers_is_bounded(nodes):
             for port in range(200):
                 guest.send((5000, burst * 1000 + port), v.OP_RW, payload=b"x")
         guest.wait(lambda: not guest._backlog)
-    until(lambda: len(node.device._control) == v.MAX_PENDING_REPLIES)
+    until(lambda: pending_replies(node.device) == v.MAX_PENDING_REPLIES)
     time.sleep(0.1)
-    assert len(node.device._control) == v.MAX_PENDING_REPLIES
+    assert pending_replies(node.device) == v.MAX_PENDING_REPLIES
     assert not node.drv.needs_reset()
 
 

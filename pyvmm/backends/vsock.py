@@ -27,10 +27,12 @@ and the VMM forwards the same socket to the next process. Control ops (all reply
   that device, if given); ``close`` {listener} (waiting connections are closed);
 - ``reset`` {device}; ``quiesce`` {device, within (seconds)} → {idle};
 - ``status`` (generic) adds {listeners: {ID: {address, guest_port, device,
-  parked, replay_bytes: [per parked connection]}}, vsock: {name: {connections,
+  parked, replay_bytes and reply_bytes: [per parked connection]}}, vsock: {name:
+  {connections,
   refused, dropped, redriven, packets: [rx, tx, event], queue_errors: [rx, tx,
   event], unanswered: [bytes per stream], answered: streams the guest has sent
-  data on}}}.
+  data on, pending_replies: control packets waiting for rx buffers, streams:
+  [{state, rx_cnt, fwd_cnt}]}}}.
 
 A counters page (``counters`` {} + a memfd of ``COUNTERS_SIZE`` bytes) gets, every
 ``COUNTERS_PERIOD_S``, the streams each front-end holds and the connections parked
@@ -149,6 +151,14 @@ class RingVsock(VirtioVsock):
         """Streams established on which the guest has sent data (answered)."""
         with self._lock:
             return sum(c.state == ESTABLISHED and c.rx_cnt > 0 for c in self._conns.values())
+
+    def streams(self) -> list[dict[str, object]]:
+        """Per stream: its state and byte counts guest → host (received, forwarded)."""
+        with self._lock:
+            return [
+                {"state": c.state, "rx_cnt": c.rx_cnt, "fwd_cnt": c.fwd_cnt}
+                for c in self._conns.values()
+            ]
 
     def unanswered(self) -> list[int]:
         """Per stream, the bytes the guest consumed and has not answered yet (what a
@@ -308,6 +318,7 @@ class VsockType(DeviceType):
                 "device": names.get(id(listener.device)),
                 "parked": len(listener.pending),
                 "replay_bytes": [len(parked.replay) for parked in list(listener.pending)],
+                "reply_bytes": [len(parked.reply) for parked in list(listener.pending)],
             }
             for ident, listener in self.listeners.items()
         }
@@ -321,6 +332,8 @@ class VsockType(DeviceType):
                 "queue_errors": model.queue_errors(),  # type: ignore[attr-defined]
                 "unanswered": model.unanswered(),  # type: ignore[attr-defined]
                 "answered": model.answered(),  # type: ignore[attr-defined]
+                "pending_replies": len(model._control),  # type: ignore[attr-defined]
+                "streams": model.streams(),  # type: ignore[attr-defined]
             }
             for name, model in self.models.items()
         }
