@@ -117,7 +117,7 @@ def server_command(
     sources, disk and port mapping."""
     if server == "native":
         return [str(KERNELS / "webkv-native"), f"disk={disk}", f"forward=127.0.0.1:{port}=80"]
-    backends = ["--device-backends", "process"] if server == "pyvmm-process" else []
+    backends = ["--device-backends", "process" if server == "pyvmm-process" else "thread"]
     return [
         *pyvmm_command(),
         "boot",

@@ -189,7 +189,8 @@ def run_boot(
         return EX_USAGE
     partitions = 2 if control else 1
     services = None
-    shared = device_backends == "process"
+    # guest RAM is a memfd only where back-end processes will map it
+    shared = device_backends == "process" and bool(control or disk or forward)
     try:
         with Machine(size * partitions, partitions=partitions, shared_memory=shared) as machine:
             if control or disk or forward:

@@ -11,7 +11,7 @@ with no imports, so the lean launcher can read it.
 import os
 
 DEVICE_BACKENDS = ("thread", "process")
-DEFAULT_DEVICE_BACKENDS = "thread"  # the one line to change to make processes the default
+DEFAULT_DEVICE_BACKENDS = "process"  # the one line to change (docs/decisions.md: why processes)
 DEVICE_BACKENDS_ENV = "PYVMM_DEVICE_BACKENDS"
 
 
