@@ -167,9 +167,10 @@ class Audit:
     # time on a CPU so far in TSC units), from /proc schedstat.
     cpu: list[tuple[int, int]] = field(default_factory=list)
     # Per line raised by another process (writing its eventfd): when the router read
-    # and routed calls, (host TSC before, after). Such a raise is in the VMM's hands
-    # only from the first read after it, not when its write returns.
-    reads: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # and routed calls, (host TSC before, after, calls the read returned). Such a raise
+    # is in the VMM's hands only from the read that consumed its write, not when its
+    # write returns; reads consume writes in order, as many as their count.
+    reads: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
 
     @property
     def slack(self) -> int:
@@ -290,18 +291,26 @@ class Audit:
                         break
         return problems
 
-    def _taken(self, r: Raise) -> int:
-        """When the VMM had raise ``r``: when its raise returned, or, for a line raised
-        by another process, when the router next read the line's eventfd."""
-        reads = self.reads.get(r.line)
-        if not reads:
-            return r.after
-        i = bisect.bisect_left(reads, (r.before, 0))
-        return max(r.after, reads[i][1]) if i < len(reads) else r.after
+    def _taken(self) -> dict[int, int]:
+        """When the VMM had each raise (by id): when its raise returned, or, for a line
+        raised by another process, when the router's read that consumed its write
+        returned. An eventfd read takes every write made before it, so the reads take
+        the line's raises in order, each as many as the count it returned (the first
+        read after a raise began need not be its own: with two raises close together,
+        an earlier read can take only the first)."""
+        taken = {id(r): r.after for r in self.raises}
+        for line, reads in self.reads.items():
+            queue = sorted((r for r in self.raises if r.line == line), key=lambda r: r.before)
+            k = 0
+            for _, end, calls in sorted(reads):
+                for r in queue[k : k + calls]:
+                    taken[id(r)] = max(r.after, end)
+                k += calls
+        return taken
 
     def _unraised_runs(self, name, line, times, starts, mine) -> list[str]:
         problems = []
-        taken = {id(r): self._taken(r) for r in mine}
+        taken = self._taken()
         for i, t in enumerate(times):
             previous, needed = starts[i - 1] if i else 0, 1
             before_previous = times[i - 2] if i > 1 else 0
@@ -347,7 +356,7 @@ class Audit:
         ]
         events += [(r.before, f"raise line {r.line} for {r.owner}") for r in self.raises]
         events += [(t.start, f"switch-in {t.instance}") for t in self.turns]
-        events += [(s, f"read line {line}") for line, rs in self.reads.items() for s, _ in rs]
+        events += [(s, f"read line {line}") for line, rs in self.reads.items() for s, *_ in rs]
         events += [(t, f"switch-out {name}: {state}") for t, name, state in self.saved]
         events += [
             (c, f"stub cut {name} line {b}") for name, cs in self.cuts.items() for c, b in cs

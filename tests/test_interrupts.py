@@ -60,7 +60,7 @@ class AuditedMicrovisor(Microvisor):
             start = host_tsc()
             route(line, calls)
             if hasattr(self, "audit"):
-                self.audit.reads.setdefault(line.gsi, []).append((start, host_tsc()))
+                self.audit.reads.setdefault(line.gsi, []).append((start, host_tsc(), calls))
 
         self.router.routed_call = routed_call  # type: ignore[method-assign]
 
